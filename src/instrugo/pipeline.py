@@ -1,0 +1,181 @@
+"""`instrugo run`: the whole InstructGPT loop in one command, resumable.
+
+    SFT → [sample K responses from the newest policy → label → reward model on all comparisons so far
+           → PPO (and PPO-ptx) from the newest policy] × rounds → evaluate → report
+
+Stages talk only through files in the run directory, so this module is nothing but their sequence: a
+stage whose output is complete is skipped, a killed stage resumes from its checkpoint.
+
+    runs/demo/sft/                  the SFT policy            (stage: sft)
+    runs/demo/round1/tasks.jsonl    K responses per prompt    (stage: sample)
+    runs/demo/round1/labeled.jsonl  rankings                  (stage: label, simulated or human)
+    runs/demo/round1/rm/            the reward model          (stage: rm, on rounds 1..r)
+    runs/demo/round1/ppo_ptx/       the policies              (stage: ppo, one per variant)
+    runs/demo/eval.json, report.html
+
+A YAML file given with `--config` may set this command's flags at the top level and any stage's settings
+under `sft:`, `sample:`, `label:`, `rm:`, `ppo:` and `eval:`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from instrugo.config import from_dict, option, require
+from instrugo.runio import InputError, is_complete, update_json
+
+STAGE_SECTIONS = ("sft", "sample", "label", "rm", "ppo", "eval")
+VARIANTS = ("ppo", "ppo_ptx")
+WAITING_FOR_LABELS = 3  # exit status of a run that stopped to wait for human labels
+
+
+@dataclass
+class RunConfig:
+    """The whole loop. Stage settings come from the preset's sections, then the YAML file's sections."""
+
+    out: str = option("runs/demo", "Run directory.")
+    model: str = option("default", "Starting model ('default', 'tiny', a .gguf file or a HF directory).")
+    rounds: int = option(1, "Rounds of sample → label → RM → PPO in all; round 1 samples from SFT, each "
+                            "later round from the newest policy.")
+    labels: str = option("simulated", "Who ranks the samples: 'simulated' (the labeler pool) or 'human' (the app).")
+    k: int = option(4, "Responses ranked per prompt (4..9).")
+    prompts_per_round: int = option(256, "Prompts sampled for labeling in each round.")
+    variants: list[str] = option(["ppo", "ppo_ptx"], "PPO variants to train: ppo, ppo_ptx (the first is the one "
+                                                     "later rounds sample from and continue).")
+    best_of: int = option(16, "Best-of-n baseline in the final evaluation (0 = skip).")
+    eval_prompts: int = option(100, "Prompts per evaluation split (0 = all).")
+    seed: int = option(0, "Seed for every stage.")
+
+    presets: ClassVar[dict[str, dict]] = {
+        "tiny": dict(model="tiny", k=4, prompts_per_round=24, best_of=4, eval_prompts=12),
+    }
+
+    def validate(self) -> None:
+        require(self.rounds >= 1, "rounds", "must be at least 1")
+        require(self.labels in ("simulated", "human"), "labels", "must be 'simulated' or 'human'")
+        require(bool(self.variants) and set(self.variants) <= set(VARIANTS), "variants", f"choose from {', '.join(VARIANTS)}")
+        require(2 <= self.k <= 9, "k", "must be 2..9")
+
+
+# Stage sizes of the main job, chosen so `make demo` takes roughly a quarter of an hour on 2 CPU cores.
+STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "sft": dict(epochs=1.0, max_examples=1024, lr=5e-5, batch_size=16, micro_batch_size=8, max_length=320),
+        "sample": dict(max_new_tokens=128, temperature=1.0),
+        "rm": dict(lr=3e-5, prompts_per_batch=16, micro_batch_prompts=2, normalize_examples=128),
+        "ppo": dict(total_episodes=256, episodes_per_batch=32, minibatches=2, micro_batch_size=8,
+                    max_new_tokens=96, lr=5e-6, warmup_iterations=2, ptx_ratio=1.0),
+        "eval": dict(max_new_tokens=160, pretrain_examples=100),
+    },
+    "tiny": {
+        "sft": dict(epochs=1.0, max_examples=32, lr=1e-3, batch_size=8, micro_batch_size=8, max_length=192),
+        "sample": dict(max_new_tokens=24),
+        "rm": dict(lr=1e-3, prompts_per_batch=8, micro_batch_prompts=4, max_length=192, normalize_examples=8),
+        "ppo": dict(total_episodes=16, episodes_per_batch=8, minibatches=1, micro_batch_size=8, max_new_tokens=16,
+                    lr=1e-4, value_lr=1e-4, warmup_iterations=0, ptx_ratio=1.0),
+        "eval": dict(max_new_tokens=24, pretrain_examples=8, batch_size=16),
+    },
+}
+
+
+def stage_config(cls: type, preset: dict, overrides: dict, fixed: dict, source: str):
+    """A stage's config: its preset, then the YAML section, then what the pipeline must decide."""
+    return from_dict(cls, {**preset, **overrides, **fixed}, source=source)
+
+
+def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str, dict] | None = None,
+                 source: str = "config") -> Path:
+    """Run (or resume) the loop in `config.out`; returns the run directory."""
+    from instrugo import evaluate, labelers, ppo, reward, sample, sft
+
+    sections = sections or {}
+    unknown = set(sections) - set(STAGE_SECTIONS)
+    if unknown:
+        raise InputError(source, f"unknown section (known: {', '.join(STAGE_SECTIONS)})", field=sorted(unknown)[0])
+    presets = STAGE_PRESETS[preset]
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, stage_dir: Path | None, fn, *args):
+        if stage_dir is not None and is_complete(stage_dir):
+            print(f"run: {name} already complete ({stage_dir})")
+            return stage_dir
+        print(f"run: {name}")
+        started = time.perf_counter()
+        result = fn(*args)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        update_json(run_dir / "eval.json", {"seconds": {name: seconds[name]}})
+        return result
+
+    def make(name: str, cls: type, **fixed):
+        return stage_config(cls, presets.get(name, {}), sections.get(name, {}), fixed, f"{source} [{name}]")
+
+    sft_dir = run_dir / "sft"
+    timed("sft", sft_dir, sft.run_sft, make("sft", sft.SFTConfig, model=config.model, out=str(sft_dir), seed=config.seed))
+
+    labeled_files: list[str] = []
+    newest = {variant: str(sft_dir) for variant in config.variants}
+    main_variant = config.variants[0]
+    for round_number in range(1, config.rounds + 1):
+        round_dir = run_dir / f"round{round_number}"
+        tasks = round_dir / "tasks.jsonl"
+        labeled = round_dir / "labeled.jsonl"
+        if not labeled.exists() and not tasks.exists():
+            timed(f"round{round_number}/sample", None, sample.run_sample, make(
+                "sample", sample.SampleConfig, policy=newest[main_variant], prompts="instrugo:rm", out=str(tasks),
+                k=config.k, n_prompts=config.prompts_per_round, offset=(round_number - 1) * config.prompts_per_round,
+                seed=config.seed + round_number, id_prefix=f"r{round_number}"))
+        if not labeled.exists():
+            if config.labels == "human":
+                wait_for_human_labels(tasks, labeled)
+            label_config = make("label", labelers.LabelerConfig, seed=config.seed + round_number)
+            timed(f"round{round_number}/label", None, labelers.simulate_command, str(tasks), str(labeled), label_config)
+        labeled_files.append(str(labeled))
+
+        rm_dir = round_dir / "rm"
+        timed(f"round{round_number}/rm", rm_dir, reward.run_reward, make(
+            "rm", reward.RewardConfig, model=str(sft_dir), comparisons=list(labeled_files), out=str(rm_dir),
+            eval_json=str(run_dir / "eval.json"), seed=config.seed))
+        for variant in config.variants:
+            ppo_dir = round_dir / variant
+            ptx = {} if variant == "ppo_ptx" else {"ptx_coef": 0.0}
+            ppo_preset = {**presets.get("ppo", {}), **({"ptx_coef": 27.8} if variant == "ppo_ptx" else {})}
+            ppo_config = stage_config(ppo.PPOConfig, ppo_preset, sections.get("ppo", {}),
+                                      dict(policy=newest[variant], reference=str(sft_dir), reward_model=str(rm_dir),
+                                           out=str(ppo_dir), seed=config.seed + round_number, **ptx),
+                                      f"{source} [ppo]")
+            timed(f"round{round_number}/{variant}", ppo_dir, ppo.run_ppo, ppo_config)
+            newest[variant] = str(ppo_dir)
+
+    policies = [f"base={config.model}", f"sft={sft_dir}"] + [f"{v}={newest[v]}" for v in config.variants]
+    eval_config = make("eval", evaluate.EvalConfig, out=str(run_dir), policies=policies,
+                       max_prompts=config.eval_prompts, seed=config.seed,
+                       best_of=config.best_of, reward_model=str(run_dir / f"round{config.rounds}" / "rm"))
+    timed("eval", None, evaluate.run_eval, eval_config)
+    from instrugo.report import write_report
+
+    report = write_report(run_dir)
+    print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}")
+    return run_dir
+
+
+def wait_for_human_labels(tasks: Path, labeled: Path) -> None:
+    """Stop the run with instructions; re-running the same command continues once labels exist."""
+    db = tasks.parent / "labels.sqlite"
+    print(f"""run: waiting for human labels of {tasks}.
+  1. instrugo label import --db {db} {tasks}
+  2. instrugo label add-labeler --db {db} NAME      (prints the labeler's token; one per person)
+  3. instrugo label serve --db {db}                 (labelers open http://127.0.0.1:8000 and rank)
+  4. instrugo label export --db {db} --out {labeled}
+  5. re-run this same `instrugo run ...` command: it continues from here.""")
+    raise SystemExit(WAITING_FOR_LABELS)
+
+
+def config_sections(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Split a YAML mapping into top-level run settings and per-stage sections."""
+    top = {k: v for k, v in values.items() if k not in STAGE_SECTIONS}
+    return top, {k: v for k, v in values.items() if k in STAGE_SECTIONS}

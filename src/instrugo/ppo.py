@@ -1,0 +1,427 @@
+"""Step 3 of InstructGPT: PPO against the reward model, with a per-token KL penalty and PPO-ptx.
+
+Each iteration (REFERENCE §3–§4):
+1. rollout: sample one response per prompt from the policy (temperature 1), truncated after its first EOS;
+2. score: the reward model reads the prompt and response as *text* (its own tokenizer); a response with
+   no EOS gets a fixed low score; the policy, the frozen SFT reference and the value network read the
+   policy's tokens in one forward pass each;
+3. rewards: per token −β·(log π − log π_ref), plus the RM score at the last response token; β fixed
+   (InstructGPT: 0.02) or adaptive towards a target KL;
+4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked);
+5. update: `ppo_epochs` passes over shuffled minibatches (micro-batches accumulate): clipped policy loss,
+   clipped value loss on a separate value network initialised from the reward model, and with PPO-ptx a
+   pretraining-LM gradient γ_ptx·∇ log π(x) accumulated into the same step;
+6. optionally an EMA of the policy weights (InstructGPT: decay 0.992).
+
+    instrugo ppo --policy runs/sft --reward-model runs/rm --out runs/ppo [--ptx-coef 27.8]
+
+Output: `out/` holds the policy (AutoModelForCausalLM), `out/value/` the value model
+(AutoModelForSequenceClassification, one label), `out/ema/` the EMA policy when enabled, `metrics.jsonl`
+one line per iteration, and `complete.json`. A killed run resumes at the last finished iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from instrugo import losses, models, training
+from instrugo.config import option, require, to_dict
+from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
+from instrugo.runio import MetricsLog, atomic_write_json, is_complete, mark_complete
+
+
+@dataclass
+class PPOConfig:
+    """PPO / PPO-ptx. Batch sizes are in episodes (one prompt, one response): `episodes_per_batch` are
+    generated per iteration, split into `minibatches` per PPO epoch (one optimiser step each), each
+    processed in micro-batches of `micro_batch_size` (gradient accumulation)."""
+
+    policy: str = option("runs/sft", "Initial policy (the SFT model).")
+    reference: str = option("", "Frozen reference for the KL penalty (default: the initial policy).")
+    reward_model: str = option("runs/rm", "Reward model directory (reads text; any tokenizer).")
+    value_model: str = option("", "Value network init (default: the reward model; must share the policy's tokenizer).")
+    prompts: str = option("instrugo:ppo", "Prompts: an InstruGo split or a JSONL file.")
+    out: str = option("runs/ppo", "Output directory.")
+    total_episodes: int = option(1024, "Episodes in the whole run (InstructGPT: 256k).")
+    episodes_per_batch: int = option(64, "Episodes generated per iteration (InstructGPT: 512).")
+    minibatches: int = option(4, "Optimiser steps per PPO epoch (InstructGPT: 512/64 = 8).")
+    micro_batch_size: int = option(8, "Episodes per forward/backward pass.")
+    ppo_epochs: int = option(1, "Passes over each batch (InstructGPT: 1; N+: 4).")
+    lr: float = option(1e-5, "Policy learning rate (InstructGPT swept 2.55e-6..2.55e-5).")
+    value_lr: float = option(1e-5, "Value network learning rate.")
+    warmup_iterations: int = option(10, "Linear warm-up from lr/10 over this many iterations, then constant.")
+    adam_eps: float = option(1e-5, "Adam ε (1e-5: PyTorch's placement makes early updates aggressive).")
+    max_grad_norm: float = option(1.0, "Gradient clipping (0 = off).")
+    kl_coef: float = option(0.02, "β of the per-token KL penalty (InstructGPT: 0.02).")
+    adaptive_kl: bool = option(False, "Adapt β towards kl_target (Ziegler et al.).")
+    kl_target: float = option(6.0, "Target KL in nats per response for adaptive β.")
+    kl_horizon: int = option(10000, "Horizon in episodes for adaptive β.")
+    kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
+    kl_clamp: bool = option(False, "Clamp per-token KL at >= 0 (AlpacaFarm).")
+    gamma: float = option(1.0, "Discount (InstructGPT: 1).")
+    lam: float = option(0.95, "GAE λ.")
+    clip_range: float = option(0.2, "Policy ratio clip.")
+    value_clip_range: float = option(0.2, "Value clip.")
+    whiten_rewards: bool = option(False, "Whiten rewards before GAE (N+ final runs: off).")
+    temperature: float = option(1.0, "Rollout sampling temperature (InstructGPT: 1).")
+    top_p: float = option(1.0, "Rollout nucleus threshold.")
+    max_new_tokens: int = option(96, "Response length limit in tokens.")
+    no_eos_score: float = option(-1.0, "RM score given to responses without EOS (N details: -1).")
+    ptx_coef: float = option(0.0, "PPO-ptx: pretraining gradient coefficient γ (InstructGPT: 27.8; 0 = plain PPO).")
+    ptx_ratio: float = option(8.0, "Pretraining sequences per RL episode in each step (InstructGPT: 8).")
+    ptx_max_length: int = option(128, "Token limit of each pretraining sequence.")
+    ema_decay: float = option(0.0, "EMA of policy weights (InstructGPT: 0.992; 0 = off).")
+    gold_judge: bool = option(True, "Log the gold judge's score of each rollout (when prompts have constraints).")
+    rollout_batch_size: int = option(32, "Sequences generated together.")
+    precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
+    save_every: int = option(1, "Checkpoint every N iterations.")
+    seed: int = option(0, "Seed (per process: seed + rank·100003).")
+
+    presets: ClassVar[dict[str, dict]] = {
+        "tiny": dict(total_episodes=32, episodes_per_batch=16, minibatches=2, micro_batch_size=8,
+                     max_new_tokens=24, lr=1e-4, value_lr=1e-4, warmup_iterations=0, ptx_ratio=1.0),
+    }
+
+    def validate(self) -> None:
+        per_minibatch = self.episodes_per_batch / max(1, self.minibatches)
+        require(self.episodes_per_batch % self.minibatches == 0, "minibatches",
+                f"must divide episodes_per_batch ({self.episodes_per_batch})")
+        require(per_minibatch % self.micro_batch_size == 0 or self.micro_batch_size >= per_minibatch,
+                "micro_batch_size", f"must divide the minibatch size ({per_minibatch:g} episodes)")
+        require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+        require(self.total_episodes >= self.episodes_per_batch, "total_episodes", "must be >= episodes_per_batch")
+        require(self.temperature > 0, "temperature", "must be positive for PPO rollouts")
+        require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+
+
+# ------------------------------------------------------------------------- rollout tensors and models
+
+@dataclass
+class Rollout:
+    """One iteration's episodes, response-aligned: row b, column t is response token t of episode b."""
+
+    query: torch.Tensor           # [B, P] left-padded prompt tokens
+    query_mask: torch.Tensor      # [B, P]
+    response: torch.Tensor        # [B, R] right-padded response tokens (pad after EOS)
+    response_mask: torch.Tensor   # [B, R] float, 1 on response tokens (EOS included)
+    logprobs: torch.Tensor        # [B, R] log π_old(y_t) at the sampling temperature
+    ref_logprobs: torch.Tensor    # [B, R]
+    values: torch.Tensor          # [B, R] V(s_t) before emitting y_t
+    scores: torch.Tensor          # [B] RM score (no-EOS penalty applied)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+
+def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                    response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[left-padded prompt | right-padded response] with position ids that skip the left padding, so a
+    row's positions do not depend on how long the other prompts in its batch are (N details)."""
+    input_ids = torch.cat([query, response], dim=1)
+    attention_mask = torch.cat([query_mask, (response_mask > 0).long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def policy_logprobs(model, inputs: dict[str, torch.Tensor], response: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
+    """log π(y_t) of the response tokens, from logits divided by the sampling temperature (N details).
+    Only the response positions' logits are computed (`logits_to_keep`)."""
+    width = response.shape[1]
+    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    logprobs = losses.token_logprobs(logits, response)
+    return (logprobs, logits) if with_entropy else logprobs
+
+
+class TokenValueModel(torch.nn.Module):
+    """A sequence-classification model (the reward model) read at every position: V(s_t) per token.
+
+    Wrapping it as one module keeps the forward pass inside the (possibly distributed) module, and the
+    inner model saves as a plain AutoModelForSequenceClassification."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids, attention_mask, position_ids, response_width: int) -> torch.Tensor:
+        hidden = self.classifier.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=position_ids).last_hidden_state
+        states = hidden[:, -(response_width + 1):-1]  # the state before each response token
+        return self.classifier.score(states).squeeze(-1).float()
+
+
+class EMA:
+    """Exponential moving average of the policy's weights (InstructGPT: decay 0.992)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].mul_(self.decay).add_(value.detach().float(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.shadow = state["decay"], state["shadow"]
+
+
+def pad_right(rows: list[list[int]], pad: int, width: int | None = None) -> torch.Tensor:
+    width = width or max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
+    """Endless shuffled micro-batches of pretraining text for the ptx term."""
+    from instrugo.sft import collate
+
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    encoded = [e for e in encoded if len(e) > 1]
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            yield collate([(encoded[i], [1] * len(encoded[i])) for i in order[start:start + size]], tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+def run_ppo(config: PPOConfig) -> Path:
+    """Train the policy with PPO (PPO-ptx when ptx_coef > 0); returns the output directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    from instrugo.data import load_examples, load_split
+    from instrugo.reward import load_reward_model, score_texts
+
+    out = Path(config.out)
+    if is_complete(out):
+        print(f"ppo: {out} is complete; nothing to do")
+        return out
+    precision = models.choose_precision(config.precision)
+    accelerator = training.make_accelerator(precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    training.seed_everything(config.seed, rank)
+
+    # Four models: the policy and the value network train; the reference and the reward model are frozen.
+    tokenizer = models.load_tokenizer(config.policy)
+    policy = models.load_causal_lm(config.policy, tokenizer)
+    reference = models.load_causal_lm(config.reference or config.policy, tokenizer).eval().requires_grad_(False)
+    reward_model, reward_tokenizer = load_reward_model(models.resolve_model(config.reward_model))
+    reward_model.requires_grad_(False)
+    value_path = models.resolve_model(config.value_model or config.reward_model)
+    value_tokenizer = models.load_tokenizer(value_path)
+    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"ppo: the value model {value_path} must share the policy's tokenizer (it scores every "
+                         "policy token); pass --value-model with a model of the policy's family")
+    value = TokenValueModel(AutoModelForSequenceClassification.from_pretrained(value_path, dtype=torch.float32))
+    models._dropout_off(value.classifier.config)
+    value.classifier.config.pad_token_id = tokenizer.pad_token_id
+
+    iterations = config.total_episodes // config.episodes_per_batch
+    policy_optimizer = training.adamw(policy.parameters(), config.lr, (0.9, 0.95), config.adam_eps)
+    value_optimizer = training.adamw(value.parameters(), config.value_lr, (0.9, 0.95), config.adam_eps)
+    warmup = lambda step: min(1.0, 0.1 + 0.9 * step / config.warmup_iterations) if config.warmup_iterations else 1.0  # noqa: E731
+    steps_per_iteration = config.ppo_epochs * config.minibatches
+    policy_schedule = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, lambda s: warmup(s // steps_per_iteration))
+    value_schedule = torch.optim.lr_scheduler.LambdaLR(value_optimizer, lambda s: warmup(s // steps_per_iteration))
+    policy, value, policy_optimizer, value_optimizer, policy_schedule, value_schedule = accelerator.prepare(
+        policy, value, policy_optimizer, value_optimizer, policy_schedule, value_schedule)
+    kl_control = (losses.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                  if config.adaptive_kl else losses.FixedKLController(config.kl_coef))
+    ema = EMA(accelerator.unwrap_model(policy), config.ema_decay) if config.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    records = load_examples(config.prompts)
+    ptx_stream = None
+    if config.ptx_coef:
+        texts = [r["text"] for r in load_split("pretrain") if not r.get("heldout")]
+        ptx_stream = ptx_batches(texts, tokenizer, max(1, round(config.micro_batch_size * config.ptx_ratio)),
+                                 config.ptx_max_length, config.seed + rank)
+
+    state = training.load_checkpoint(accelerator, out) or {"iteration": 0, "kl_coef": config.kl_coef}
+    start = state["iteration"]
+    kl_control.value = state["kl_coef"]
+    if accelerator.is_main_process:
+        atomic_write_json(out / "ppo_config.json", to_dict(config))
+        minibatch = config.episodes_per_batch // config.minibatches
+        print(f"ppo: {iterations} iterations x {config.episodes_per_batch} episodes = {iterations * config.episodes_per_batch} "
+              f"episodes; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
+              f"episodes (micro-batches of {config.micro_batch_size} -> {max(1, minibatch // config.micro_batch_size)} "
+              f"accumulation steps per optimiser step), {iterations * steps_per_iteration} optimiser steps; "
+              f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
+              f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
+              + f"; {world} processes; precision {models.describe_precision(precision)}"
+              + (f"; resuming at iteration {start}" if start else ""))
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start or None, enabled=accelerator.is_main_process)
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.rollout_batch_size)
+
+    bar = tqdm(total=iterations, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for iteration in range(start, iterations):
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        # Prompts of this iteration: a deterministic slice per process, cycling through the prompt set.
+        per_process = config.episodes_per_batch // world
+        first = (iteration * config.episodes_per_batch + rank * per_process) % len(records)
+        batch_records = [records[(first + i) % len(records)] for i in range(per_process)]
+
+        # 1. rollout
+        unwrapped_policy = accelerator.unwrap_model(policy)
+        samples = [s[0] for s in sample_responses(unwrapped_policy, tokenizer, [r["messages"] for r in batch_records],
+                                                   n=1, config=sampling, precision=precision,
+                                                   seed=config.seed * 1000 + iteration * world + rank)]
+        timings["generate"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+        # 2. score: RM on text; policy, reference and value on the policy's tokens
+        query, query_mask = left_pad(encode_prompts(tokenizer, [r["messages"] for r in batch_records]), tokenizer.pad_token_id)
+        response = pad_right([s.token_ids for s in samples], tokenizer.pad_token_id)
+        response_mask = pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
+        device = accelerator.device
+        query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
+        with torch.no_grad(), accelerator.autocast():
+            rm_scores = torch.tensor(score_texts(reward_model, reward_tokenizer, [r["messages"] for r in batch_records],
+                                                 [s.text for s in samples], precision, batch_size=config.micro_batch_size),
+                                     device=device)
+            has_eos = torch.tensor([s.has_eos for s in samples], device=device)
+            scores = losses.no_eos_penalty(rm_scores, has_eos, config.no_eos_score)
+            logprobs, ref_logprobs, values = [], [], []
+            for mb in range(0, per_process, config.micro_batch_size):
+                sl = slice(mb, mb + config.micro_batch_size)
+                inputs = sequence_inputs(query[sl], query_mask[sl], response[sl], response_mask[sl])
+                logprobs.append(policy_logprobs(policy, inputs, response[sl], config.temperature))
+                ref_logprobs.append(policy_logprobs(reference, inputs, response[sl], config.temperature))
+                values.append(value(**inputs, response_width=response.shape[1]))
+        rollout = Rollout(query, query_mask, response, response_mask, torch.cat(logprobs), torch.cat(ref_logprobs),
+                          torch.cat(values), scores)
+        timings["score"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+        # 3-4. KL-shaped rewards and GAE advantages
+        rewards, kl = losses.kl_penalized_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                                  response_mask, kl_control.value, config.kl_estimator, config.kl_clamp)
+        if config.whiten_rewards:
+            rewards = losses.masked_whiten(rewards, response_mask, shift_mean=False)
+        advantages, returns = losses.gae_advantages(rewards, rollout.values, response_mask, config.gamma, config.lam)
+        rollout.advantages = losses.masked_whiten(advantages, response_mask)
+        rollout.returns = returns
+
+        # 5. PPO epochs over minibatches; micro-batches accumulate into one optimiser step
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
+                                                        "value_clipfrac", "entropy", "ptx_loss")}
+        minibatch_size = per_process // config.minibatches
+        policy.train(), value.train()
+        for _ in range(config.ppo_epochs):
+            permutation = torch.randperm(per_process, device=device)
+            for m in range(config.minibatches):
+                minibatch = permutation[m * minibatch_size:(m + 1) * minibatch_size]
+                micro_indices = minibatch.split(config.micro_batch_size)
+                for index, micro_index in enumerate(micro_indices):
+                    micro = rollout.select(micro_index)
+                    share = len(micro_index) / len(minibatch)
+                    last = index == len(micro_indices) - 1
+                    sync = contextlib.nullcontext() if last else contextlib.ExitStack()
+                    if not last:
+                        sync.enter_context(accelerator.no_sync(policy))
+                        sync.enter_context(accelerator.no_sync(value))
+                    with sync, accelerator.autocast():
+                        inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
+                        new_logprobs, logits = policy_logprobs(policy, inputs, micro.response, config.temperature, True)
+                        policy_loss, policy_stats = losses.ppo_policy_loss(new_logprobs, micro.logprobs, micro.advantages,
+                                                                          micro.response_mask, config.clip_range)
+                        new_values = value(**inputs, response_width=micro.response.shape[1])
+                        value_loss, value_clipfrac = losses.ppo_value_loss(new_values, micro.values, micro.returns,
+                                                                           micro.response_mask, config.value_clip_range)
+                        accelerator.backward((policy_loss + value_loss) * share)
+                        if ptx_stream is not None:
+                            # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT).
+                            ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
+                            ptx_logits = policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
+                            ptx_loss = losses.response_lm_loss(ptx_logits.float(), ptx["input_ids"], ptx["loss_mask"])
+                            accelerator.backward(config.ptx_coef * ptx_loss * share)
+                            stats["ptx_loss"].append(ptx_loss.item())
+                    with torch.no_grad():
+                        stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
+                    stats["policy_loss"].append(policy_loss.item())
+                    stats["value_loss"].append(value_loss.item())
+                    stats["clipfrac"].append(float(policy_stats["clipfrac"]))
+                    stats["approx_kl"].append(float(policy_stats["approx_kl"]))
+                    stats["value_clipfrac"].append(float(value_clipfrac))
+                    if not all(math.isfinite(stats[k][-1]) for k in ("policy_loss", "value_loss")):
+                        raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} (policy "
+                                         f"{stats['policy_loss'][-1]}, value {stats['value_loss'][-1]}); the last "
+                                         f"checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(value.parameters(), config.max_grad_norm)
+                for optimizer, schedule in ((policy_optimizer, policy_schedule), (value_optimizer, value_schedule)):
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(policy))
+        timings["train"] = time.perf_counter() - clock
+
+        # Logging: what the run optimises (RM score), what it pays (KL), and the gold truth when known.
+        kl_per_response = (kl * response_mask).sum(-1)
+        mean_kl = accelerator.gather(kl_per_response).mean().item()
+        kl_control.update(mean_kl, config.episodes_per_batch)
+        row = {"step": iteration + 1, "episodes": (iteration + 1) * config.episodes_per_batch,
+               "rm_score": accelerator.gather(rm_scores).mean().item(),
+               "score_with_penalty": accelerator.gather(scores).mean().item(),
+               "kl": mean_kl, "sqrt_kl": math.sqrt(max(0.0, mean_kl)),
+               "kl_coef": kl_control.value, "no_eos_rate": 1 - has_eos.float().mean().item(),
+               "response_length": response_mask.sum(-1).mean().item(),
+               "lr": policy_schedule.get_last_lr()[0],
+               **{k: sum(v) / len(v) for k, v in stats.items() if v},
+               **{f"seconds_{k}": round(v, 3) for k, v in timings.items()}}
+        if config.gold_judge and all(r.get("constraints") is not None for r in batch_records):
+            from instrugo.judge import gold_judge
+
+            verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
+            row["gold_score"] = sum(v.score for v in verdicts) / len(verdicts)
+            row["gold_pass_rate"] = sum(v.all_passed for v in verdicts) / len(verdicts)
+        metrics.log(row)
+        bar.set_postfix(rm=f"{row['rm_score']:.3f}", kl=f"{mean_kl:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
+        bar.update(1)
+        state = {"iteration": iteration + 1, "kl_coef": kl_control.value}
+        if (iteration + 1) % config.save_every == 0 and iteration + 1 < iterations:
+            training.save_checkpoint(accelerator, out, state)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_policy = accelerator.unwrap_model(policy)
+        training.save_pretrained_files(final_policy, tokenizer, out)
+        value_model = accelerator.unwrap_model(value).classifier
+        value_model.config.reward_bias = 0.0
+        training.save_pretrained_files(value_model, tokenizer, out / "value")
+        if ema is not None:
+            ema_policy = copy.deepcopy(final_policy)
+            ema_policy.load_state_dict(ema.shadow)
+            training.save_pretrained_files(ema_policy, tokenizer, out / "ema")
+        mark_complete(out, {"stage": "ppo", "iterations": iterations, "episodes": iterations * config.episodes_per_batch,
+                            "ptx_coef": config.ptx_coef, "ema": bool(ema)})
+        training.remove_checkpoint(out)
+        print(f"ppo: policy written to {out}" + (f" (EMA weights in {out / 'ema'})" if ema else ""))
+    return out

@@ -1,0 +1,99 @@
+"""Plumbing shared by the training stages (SFT, reward model, PPO): the Accelerator, the optimiser and
+its schedule, resumable checkpoints, and the final model directory that plain transformers loads.
+
+Kept out of the stage modules so that each of them reads top to bottom as its step of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instrugo.runio import atomic_directory, atomic_write_json, read_json
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.json"
+
+
+def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
+    """An Accelerator with bf16 autocast when `precision == "bf16"` (fp32 master weights either way)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                       gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Per-process seed `seed + rank·100003` (N+ details), applied to python, numpy-free torch RNGs."""
+    process_seed = seed + rank * 100003
+    random.seed(process_seed)
+    torch.manual_seed(process_seed)
+    return process_seed
+
+
+def adamw(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.1):
+    """Linear warm-up, then cosine decay from the LR to `final_fraction` of it (InstructGPT: 10%)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save model, optimiser, scheduler and RNG states plus `state` (step counters) atomically."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(Path(out_dir) / CHECKPOINT_DIR) as tmp:
+            accelerator.save_state(str(tmp))
+            atomic_write_json(tmp / TRAINER_STATE, state)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Restore the last checkpoint in `out_dir` into the prepared objects; None when there is none."""
+    checkpoint = Path(out_dir) / CHECKPOINT_DIR
+    if not (checkpoint / TRAINER_STATE).exists():
+        return None
+    accelerator.load_state(str(checkpoint))
+    return read_json(checkpoint / TRAINER_STATE)
+
+
+def remove_checkpoint(out_dir: str | os.PathLike) -> None:
+    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def save_pretrained_files(model, tokenizer, out_dir: str | os.PathLike) -> None:
+    """Write a model directory plain `from_pretrained(out_dir)` loads (LoRA merged), file by file
+    atomically; the stage's completion marker, written after this, says the set is whole."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with atomic_directory(out_dir / ".model-staging") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    staging = out_dir / ".model-staging"
+    for path in staging.iterdir():
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,101 @@
+"""Run-directory I/O, config plumbing, model loading and the comparison-task format."""
+
+import json
+
+import pytest
+
+from instrugo import comparisons, runio
+from instrugo.config import from_dict
+from instrugo.runio import InputError
+from instrugo.sft import SFTConfig
+
+
+def test_tokenizer_pad_is_distinct_from_eos(tiny_tokenizer):
+    assert tiny_tokenizer.pad_token_id is not None
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+
+
+def test_tiny_model_loads_with_plain_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    runio.atomic_write_json(tmp_path / "a.json", {"x": 1})
+    runio.atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_directory_keeps_old_content_when_writing_fails(tmp_path):
+    target = tmp_path / "ckpt"
+    with runio.atomic_directory(target) as tmp:
+        (tmp / "state").write_text("one")
+    with pytest.raises(RuntimeError):
+        with runio.atomic_directory(target) as tmp:
+            (tmp / "state").write_text("two")
+            raise RuntimeError("killed mid-save")
+    assert (target / "state").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_metrics_log_drops_steps_past_the_resumed_one(tmp_path):
+    log = runio.MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.log({"step": step})
+    runio.MetricsLog(tmp_path / "metrics.jsonl", resume_step=2).log({"step": 3, "again": True})
+    rows = runio.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["again"]
+
+
+def test_update_json_deep_merges(tmp_path):
+    runio.update_json(tmp_path / "eval.json", {"splits": {"eval": {"sft": {"n": 1}}}})
+    merged = runio.update_json(tmp_path / "eval.json", {"splits": {"eval": {"ppo": {"n": 2}}}})
+    assert merged["splits"]["eval"] == {"sft": {"n": 1}, "ppo": {"n": 2}}
+
+
+def test_config_rejects_unknown_and_mistyped_keys():
+    with pytest.raises(InputError, match="field 'learning_rate'"):
+        from_dict(SFTConfig, {"learning_rate": 1e-5}, source="cfg.yaml")
+    with pytest.raises(InputError, match="cfg.yaml: field 'epochs': expected float"):
+        from_dict(SFTConfig, {"epochs": "many"}, source="cfg.yaml")
+    with pytest.raises(InputError, match="micro_batch_size"):
+        from_dict(SFTConfig, {"batch_size": 10, "micro_batch_size": 4})
+    assert from_dict(SFTConfig, {"epochs": "3", "lora-rank": 8}).lora_rank == 8
+
+
+def _write(tmp_path, rows):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1]}, "ranking", "not a permutation"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0, 1]}, "ranking", "not a permutation"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 5]}, "ranking", "not a response index"),
+    ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "responses", "K = 1"),
+    ({"prompt": "p", "responses": ["a", "a"], "ranking": [0, 1]}, "responses", "duplicate"),
+    ({"prompt": "p", "responses": ["a", " "], "ranking": [0, 1]}, "responses", "response 1 is empty"),
+    ({"prompt": "p", "responses": []}, "responses", "no responses"),
+    ({"responses": ["a", "b"], "ranking": [0, 1]}, "prompt", "missing"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "scores": [1, 9]}, "scores", "1..7"),
+])
+def test_bad_comparison_tasks_name_file_line_and_field(tmp_path, row, field, message):
+    good = {"prompt": "ok", "responses": ["x", "y"], "ranking": [1, 0]}
+    path = _write(tmp_path, [good, row])
+    with pytest.raises(InputError) as error:
+        comparisons.read_tasks(path, require_ranking=True)
+    assert str(error.value).startswith(f"{path}:2: field '{field}'")
+    assert message in str(error.value)
+
+
+def test_ranking_with_ties_yields_only_strict_pairs(tmp_path):
+    path = _write(tmp_path, [{"id": "t", "prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [[2], [0, 3], [1]]},
+                             {"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    tied, pair = comparisons.read_tasks(path, require_ranking=True)
+    assert tied.rank_levels() == [1, 2, 0, 1]
+    assert sorted(tied.pairs()) == [(0, 1), (2, 0), (2, 1), (2, 3), (3, 1)]
+    assert pair.responses == ["good", "bad"] and pair.pairs() == [(0, 1)]

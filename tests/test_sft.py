@@ -1,0 +1,79 @@
+"""SFT on a tiny model: the response-only mask, the checkpoint plain transformers loads, and resume."""
+
+import json
+
+import pytest
+import torch
+
+from instrugo import runio
+from instrugo.sft import SFTConfig, run_sft, tokenize_example
+
+
+def write_demonstrations(path, n=12):
+    rows = [{"prompt": f"Say the word number {i} in lowercase.", "response": f"the word is item{i} in lowercase."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_loss_mask_covers_exactly_the_response_and_its_eos(tiny_tokenizer):
+    ids, mask = tokenize_example(tiny_tokenizer, [{"role": "user", "content": "Hi there"}], "hello world", 128)
+    response_ids = tiny_tokenizer("hello world", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert ids[-len(response_ids):] == response_ids
+    assert mask == [0] * (len(ids) - len(response_ids)) + [1] * len(response_ids)
+
+
+def test_overlong_responses_are_cut_and_overlong_prompts_skipped(tiny_tokenizer):
+    ids, mask = tokenize_example(tiny_tokenizer, [{"role": "user", "content": "Hi"}], "word " * 200, 64)
+    assert len(ids) == 64 and mask[-1] == 1
+    assert tokenize_example(tiny_tokenizer, [{"role": "user", "content": "long " * 100}], "x", 64) is None
+
+
+def tiny_config(tmp_path, data, **overrides):
+    values = dict(model="tiny", data=str(data), out=str(tmp_path / "sft"), epochs=3.0, lr=2e-3, batch_size=4,
+                  micro_batch_size=2, max_length=96, save_every=2, precision="fp32")
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def test_tiny_sft_learns_and_writes_a_plain_transformers_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    out = run_sft(tiny_config(tmp_path, data))
+    rows = runio.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 10))  # 12 examples / 4 per step x 3 epochs
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.8
+    assert runio.is_complete(out) and not (out / "checkpoint").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_killed_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    reference = run_sft(tiny_config(tmp_path / "a", data))
+
+    original_log = runio.MetricsLog.log
+
+    def die_at_step_5(self, row):
+        if row["step"] == 5:
+            raise KeyboardInterrupt("killed")
+        original_log(self, row)
+
+    monkeypatch.setattr(runio.MetricsLog, "log", die_at_step_5)
+    config = tiny_config(tmp_path / "b", data)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config)
+    assert (tmp_path / "b" / "sft" / "checkpoint").exists() and not runio.is_complete(tmp_path / "b" / "sft")
+    monkeypatch.setattr(runio.MetricsLog, "log", original_log)
+    resumed = run_sft(config)
+
+    steps = [r["step"] for r in runio.read_metrics(resumed / "metrics.jsonl")]
+    assert steps == list(range(1, 10))
+    a = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
