@@ -30,7 +30,7 @@ def test_overlong_responses_are_cut_and_overlong_prompts_skipped(tiny_tokenizer)
 
 
 def tiny_config(tmp_path, data, **overrides):
-    values = dict(model="tiny", data=str(data), out=str(tmp_path / "sft"), epochs=3.0, lr=2e-3, batch_size=4,
+    values = dict(model="tiny", data=str(data), out=str(tmp_path / "sft"), epochs=3.0, lr=1e-2, batch_size=4,
                   micro_batch_size=2, max_length=96, save_every=2, precision="fp32")
     values.update(overrides)
     return SFTConfig(**values)

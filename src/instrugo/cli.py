@@ -82,6 +82,7 @@ def stage_command(target: typer.Typer, name: str, config_cls: type, run: Callabl
 def _register() -> None:
     from instrugo.data.cli import app as data_app
     from instrugo.evaluate import EvalConfig, run_eval
+    from instrugo.labelers import SimulateConfig, run_simulate
     from instrugo.labeling.cli import app as label_app
     from instrugo.pipeline import RunConfig, run_pipeline
     from instrugo.ppo import PPOConfig, run_ppo
@@ -94,6 +95,8 @@ def _register() -> None:
                   "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
     stage_command(app, "sample", SampleConfig, run_sample,
                   "Sample K responses per prompt from a policy as comparison tasks to rank.")
+    stage_command(label_app, "simulate", SimulateConfig, run_simulate,
+                  "Rank comparison tasks with the seeded pool of simulated labelers (noisy, like people).")
     app.add_typer(label_app, name="label", help="Rankings: the labeling web app, its admin side, and simulated labelers.")
     stage_command(app, "rm", RewardConfig, run_reward,
                   "Step 2: train the reward model on K-way rankings (all pairs of a prompt in one batch element).")

@@ -133,7 +133,9 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
             if config.labels == "human":
                 wait_for_human_labels(tasks, labeled)
             label_config = make("label", labelers.LabelerConfig, seed=config.seed + round_number)
-            timed(f"round{round_number}/label", None, labelers.simulate_command, str(tasks), str(labeled), label_config)
+            report = timed(f"round{round_number}/label", None, labelers.simulate_command, str(tasks), str(labeled),
+                           label_config)
+            update_json(run_dir / "eval.json", {"labelers": {f"round{round_number}": report}})
         labeled_files.append(str(labeled))
 
         rm_dir = round_dir / "rm"

@@ -79,9 +79,15 @@ class RewardConfig:
 def init_reward_model(backbone: str | Path, tokenizer, seed: int):
     """A causal LM backbone with a fresh scalar head: N(0, 1/sqrt(d_model + 1)) (InstructGPT)."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     directory = models.resolve_model(backbone)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     models._dropout_off(model.config)
     model.config.pad_token_id = tokenizer.pad_token_id
     head = model.score

@@ -1,0 +1,95 @@
+"""Reward model: K forward passes per prompt, the K-way loss through the model, training, normalisation."""
+
+import json
+import math
+import random
+
+import torch
+
+from instrugo import losses, runio
+from instrugo.comparisons import ComparisonTask, read_tasks
+from instrugo.models import load_tokenizer
+from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model, load_reward_model,
+                             raw_scores, reward_inputs, run_reward, score_texts)
+
+
+def make_task(task_id, k, seed):
+    rng = random.Random(seed)
+    responses = [f"answer {task_id} option {i} " + " ".join(rng.choice(["blue", "green", "red"]) for _ in range(3))
+                 for i in range(k)]
+    order = list(range(k))
+    rng.shuffle(order)
+    return ComparisonTask(id=str(task_id), prompt=f"Question {task_id}?", responses=responses,
+                          ranking=[[order[0]], order[1:3], order[3:]] if k > 3 else [[i] for i in order])
+
+
+def test_one_forward_pass_per_response_not_per_pair(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = init_reward_model(tiny_model_dir, tokenizer, seed=0).eval()
+    rows_seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    tasks = [make_task(0, 4, 1), make_task(1, 9, 2), make_task(2, 5, 3)]
+    with torch.no_grad():
+        scores, levels, valid = batch_scores(model, tokenizer, tasks, max_length=64)
+    assert rows_seen == [4 + 9 + 5]  # K forward passes per prompt, all in one batch
+    n_pairs = sum(len(t.pairs()) for t in tasks)
+    assert 2 * n_pairs == sum(len(t.responses) for t in expand_to_pairs(tasks)) > 4 + 9 + 5
+
+    # The K-way loss of the batched scores equals the naive pair-by-pair Bradley-Terry loss.
+    loss, _ = losses.kway_ranking_loss(scores, levels, valid)
+    per_prompt = []
+    for task in tasks:
+        with torch.no_grad():
+            alone = raw_scores(model, [reward_inputs(tokenizer, task.prompt, r, 64) for r in task.responses],
+                               tokenizer.pad_token_id).tolist()
+        pairs = task.pairs()
+        per_prompt.append(sum(-math.log(1 / (1 + math.exp(-(alone[i] - alone[j])))) for i, j in pairs) / len(pairs))
+    assert abs(loss.item() - sum(per_prompt) / len(per_prompt)) < 1e-4
+
+
+def test_head_init_follows_instructgpt(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = init_reward_model(tiny_model_dir, tokenizer, seed=0)
+    d = model.score.in_features
+    assert model.score.out_features == 1
+    assert abs(model.score.weight.std().item() - 1 / math.sqrt(d + 1)) < 0.5 / math.sqrt(d + 1)
+
+
+def synthetic_rankings(path, n_prompts, k, seed=0):
+    """Rankings a tiny model can learn: more occurrences of 'excellent' is better."""
+    rng = random.Random(seed)
+    rows = []
+    for p in range(n_prompts):
+        counts = rng.sample(range(6), k)
+        responses = [" ".join(["excellent"] * c + [rng.choice(["plain", "words", "here", "text"]) for _ in range(6 - c)])
+                     + f" #{p}.{i}" for i, c in enumerate(counts)]
+        ranking = sorted(range(k), key=lambda i: -counts[i])
+        rows.append({"id": f"p{p}", "prompt": f"Rate item {p}.", "responses": responses, "ranking": ranking,
+                     "labeler": "synthetic"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tiny_reward_model_learns_rankings_and_is_normalised(tmp_path):
+    data = synthetic_rankings(tmp_path / "ranked.jsonl", n_prompts=160, k=4)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": "Rate.", "response": f"plain text {i}"}) + "\n" for i in range(8)))
+    config = RewardConfig(model="tiny", comparisons=[str(data)], out=str(tmp_path / "run" / "rm"), epochs=2.0, lr=2e-3,
+                          prompts_per_batch=8, micro_batch_prompts=4, max_length=64, heldout_fraction=0.25,
+                          normalize_data=str(demos), normalize_examples=8, precision="fp32", save_every=100)
+    out = run_reward(config)
+    summary = runio.read_json(tmp_path / "run" / "eval.json")["reward_model"]
+    n = summary["heldout_pairs"]
+    assert n == 40 * 6
+    # Chance is 0.5 with standard error 0.5/sqrt(n) (pairs of a prompt correlate: be generous, 4 SE).
+    assert summary["heldout_accuracy_vs_labels"] > 0.5 + 4 * 0.5 / math.sqrt(n)
+    assert summary["n_comparisons"] == 160 * 6 and summary["path"] == str(out)
+
+    model, tokenizer = load_reward_model(out)
+    demo_scores = score_texts(model, tokenizer, ["Rate."] * 8, [f"plain text {i}" for i in range(8)], "fp32")
+    assert abs(sum(demo_scores) / 8) < 1e-3  # demonstrations score 0 on average
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(out)
+    assert plain.config.num_labels == 1 and isinstance(plain.config.reward_bias, float)
