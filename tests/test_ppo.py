@@ -54,3 +54,81 @@ def test_ema_moves_towards_the_weights_by_one_minus_decay():
         model.weight.fill_(3.0)
     ema.update(model)
     torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 0.9 * 1.0 + 0.1 * 3.0))
+
+
+def tiny_reward_model(tmp_path):
+    """A tiny reward model directory (random head) that the PPO loop can load."""
+    from instrugo.models import load_tokenizer, resolve_model
+    from instrugo.reward import init_reward_model
+    from instrugo.training import save_pretrained_files
+
+    tokenizer = load_tokenizer("tiny")
+    model = init_reward_model(resolve_model("tiny"), tokenizer, seed=0)
+    model.config.reward_bias = 0.0
+    save_pretrained_files(model, tokenizer, tmp_path / "rm")
+    return tmp_path / "rm"
+
+
+def tiny_ppo_config(tmp_path, rm, **overrides):
+    from instrugo.ppo import PPOConfig
+
+    values = dict(policy="tiny", reward_model=str(rm), out=str(tmp_path / "ppo"), total_episodes=24,
+                  episodes_per_batch=8, minibatches=2, micro_batch_size=4, max_new_tokens=12, lr=1e-4,
+                  value_lr=1e-4, warmup_iterations=0, ptx_coef=27.8, ptx_ratio=0.5, ptx_max_length=32,
+                  ema_decay=0.9, precision="fp32")
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from instrugo import runio
+    from instrugo.ppo import run_ppo
+
+    rm = tiny_reward_model(tmp_path)
+    original_log = runio.MetricsLog.log
+
+    def die_at_iteration_3(self, row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt("killed")
+        original_log(self, row)
+
+    monkeypatch.setattr(runio.MetricsLog, "log", die_at_iteration_3)
+    config = tiny_ppo_config(tmp_path, rm)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(config)
+    assert runio.read_json(tmp_path / "ppo" / "checkpoint" / "trainer_state.json")["iteration"] == 2
+    monkeypatch.setattr(runio.MetricsLog, "log", original_log)
+    out = run_ppo(config)
+
+    rows = runio.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("rm_score", "gold_score", "kl", "entropy", "approx_kl", "clipfrac", "value_loss", "policy_loss",
+                "ptx_loss", "response_length", "seconds_generate", "seconds_score", "seconds_train"):
+        assert all(key in r for r in rows), key
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out / "ema")
+    assert AutoModelForSequenceClassification.from_pretrained(out / "value").config.num_labels == 1
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import pytest
+
+    from instrugo import losses
+    from instrugo.ppo import run_ppo
+
+    rm = tiny_reward_model(tmp_path)
+    original = losses.ppo_policy_loss
+    calls = {"n": 0}
+
+    def nan_after_first_iteration(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 2 else loss), stats  # 2 minibatches per iteration
+
+    monkeypatch.setattr(losses, "ppo_policy_loss", nan_after_first_iteration)
+    with pytest.raises(SystemExit, match="non-finite loss at iteration 2"):
+        run_ppo(tiny_ppo_config(tmp_path, rm, ptx_coef=0.0, ema_decay=0.0))
+    assert (tmp_path / "ppo" / "checkpoint" / "trainer_state.json").exists()

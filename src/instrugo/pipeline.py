@@ -43,7 +43,7 @@ class RunConfig:
     labels: str = option("simulated", "Who ranks the samples: 'simulated' (the labeler pool) or 'human' (the app).")
     k: int = option(4, "Responses ranked per prompt (4..9).")
     prompts_per_round: int = option(256, "Prompts sampled for labeling in each round.")
-    variants: list[str] = option(["ppo", "ppo_ptx"], "PPO variants to train: ppo, ppo_ptx (the first is the one "
+    variants: list[str] = option(["ppo_ptx", "ppo"], "PPO variants to train: ppo_ptx, ppo (the first is the one "
                                                      "later rounds sample from and continue).")
     best_of: int = option(16, "Best-of-n baseline in the final evaluation (0 = skip).")
     eval_prompts: int = option(100, "Prompts per evaluation split (0 = all).")
@@ -75,7 +75,7 @@ STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sample": dict(max_new_tokens=24),
         "rm": dict(lr=1e-3, prompts_per_batch=8, micro_batch_prompts=4, max_length=192, normalize_examples=8),
         "ppo": dict(total_episodes=16, episodes_per_batch=8, minibatches=1, micro_batch_size=8, max_new_tokens=16,
-                    lr=1e-4, value_lr=1e-4, warmup_iterations=0, ptx_ratio=1.0),
+                    lr=1e-4, value_lr=1e-4, warmup_iterations=0, ptx_ratio=0.5, ptx_max_length=48),
         "eval": dict(max_new_tokens=24, pretrain_examples=8, batch_size=16),
     },
 }

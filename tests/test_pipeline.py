@@ -1,0 +1,41 @@
+"""`instrugo run --preset tiny --rounds 2` end to end through the CLI: every stage, eval.json, report.html."""
+
+import json
+
+from typer.testing import CliRunner
+
+from instrugo import runio
+from instrugo.cli import app
+
+
+def test_tiny_run_two_rounds_produces_eval_and_report(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--preset", "tiny", "--rounds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    for stage in ("sft", "round1/rm", "round1/ppo", "round1/ppo_ptx", "round2/rm", "round2/ppo", "round2/ppo_ptx"):
+        assert runio.is_complete(out / stage), stage
+    # Round 2 samples from the newest policy and its reward model trains on all comparisons so far.
+    round2_tasks = runio.read_json(out / "round2" / "rm" / "rm_config.json")["comparisons"]
+    assert [p.split("/")[-2] for p in round2_tasks] == ["round1", "round2"]
+    assert {json.loads(line)["policy"] for line in (out / "round2" / "tasks.jsonl").read_text().splitlines()} == {
+        str(out / "round1" / "ppo_ptx")}
+
+    report = runio.read_json(out / "eval.json")
+    for split in ("eval", "eval_unseen"):
+        by_policy = report["splits"][split]
+        assert set(by_policy) == {"base", "sft", "ppo", "ppo_ptx", "bon_4"}
+        for name, summary in by_policy.items():
+            assert 0.0 <= summary["constraint_pass_rate"] <= 1.0 and summary["n"] == 12
+            assert ("win_rate_vs_sft" in summary) == (name != "sft")
+            assert ("kl_to_sft" in summary) == (name not in ("sft", "base"))
+        assert abs(by_policy["bon_4"]["kl_to_sft"] - (1.3862943611198906 - 0.75)) < 1e-9
+    assert set(report["pretrain_loss"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    assert report["reward_model"]["n_comparisons"] > 0
+    assert {"sft", "eval", "round1/rm", "round2/ppo_ptx"} <= set(report["seconds"])
+    assert (out / "report.html").stat().st_size > 10_000
+
+    # Re-running the same command finds every stage complete and only re-evaluates (from cached generations).
+    again = CliRunner().invoke(app, ["run", "--preset", "tiny", "--rounds", "2", "--out", str(out)])
+    assert again.exit_code == 0
+    assert "sft already complete" in again.output and "round2/ppo_ptx already complete" in again.output
