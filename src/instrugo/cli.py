@@ -86,6 +86,7 @@ def _register() -> None:
     from instrugo.labeling.cli import app as label_app
     from instrugo.pipeline import RunConfig, run_pipeline
     from instrugo.ppo import PPOConfig, run_ppo
+    from instrugo.report import ReportConfig, run_report
     from instrugo.reward import RewardConfig, run_reward
     from instrugo.sample import SampleConfig, run_sample
     from instrugo.sft import SFTConfig, run_sft
@@ -104,6 +105,8 @@ def _register() -> None:
                   "Step 3: PPO against the reward model with a per-token KL penalty; PPO-ptx with --ptx-coef.")
     stage_command(app, "eval", EvalConfig, run_eval,
                   "Generate on held-out prompts and score with the gold judge; writes eval.json.")
+    stage_command(app, "report", ReportConfig, run_report,
+                  "Write RUN_DIR/report.html (plots and tables) from eval.json and the stages' metrics.")
     stage_command(app, "run", RunConfig, run_pipeline,
                   "The whole loop: SFT, then rounds of sample, label, RM and PPO; evaluation and report.",
                   with_sections=True)
