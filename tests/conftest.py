@@ -15,3 +15,26 @@ def tiny_model_dir():
     from instrugo.models import resolve_model
 
     return resolve_model("tiny")
+
+
+@pytest.fixture
+def kill_at_step(monkeypatch):
+    """Make a stage die (KeyboardInterrupt, as from a kill) when it logs metrics for `step`; call the
+    returned function's `.heal()` to let the next run go through."""
+    from instrugo import runio
+
+    original = runio.MetricsLog.log
+
+    class Killer:
+        def __call__(self, step):
+            def log(metrics_log, row):
+                if row["step"] == step:
+                    raise KeyboardInterrupt(f"killed at step {step}")
+                original(metrics_log, row)
+
+            monkeypatch.setattr(runio.MetricsLog, "log", log)
+
+        def heal(self):
+            monkeypatch.setattr(runio.MetricsLog, "log", original)
+
+    return Killer()

@@ -80,7 +80,7 @@ def tiny_ppo_config(tmp_path, rm, **overrides):
     return PPOConfig(**values)
 
 
-def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, monkeypatch):
+def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, kill_at_step):
     import pytest
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -88,19 +88,12 @@ def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, m
     from instrugo.ppo import run_ppo
 
     rm = tiny_reward_model(tmp_path)
-    original_log = runio.MetricsLog.log
-
-    def die_at_iteration_3(self, row):
-        if row["step"] == 3:
-            raise KeyboardInterrupt("killed")
-        original_log(self, row)
-
-    monkeypatch.setattr(runio.MetricsLog, "log", die_at_iteration_3)
+    kill_at_step(3)
     config = tiny_ppo_config(tmp_path, rm)
     with pytest.raises(KeyboardInterrupt):
         run_ppo(config)
     assert runio.read_json(tmp_path / "ppo" / "checkpoint" / "trainer_state.json")["iteration"] == 2
-    monkeypatch.setattr(runio.MetricsLog, "log", original_log)
+    kill_at_step.heal()
     out = run_ppo(config)
 
     rows = runio.read_metrics(out / "metrics.jsonl")

@@ -50,25 +50,18 @@ def test_tiny_sft_learns_and_writes_a_plain_transformers_checkpoint(tmp_path):
     assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_killed_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_killed_sft_resumes_to_the_same_weights(tmp_path, kill_at_step):
     from transformers import AutoModelForCausalLM
 
     data = write_demonstrations(tmp_path / "demos.jsonl")
     reference = run_sft(tiny_config(tmp_path / "a", data))
 
-    original_log = runio.MetricsLog.log
-
-    def die_at_step_5(self, row):
-        if row["step"] == 5:
-            raise KeyboardInterrupt("killed")
-        original_log(self, row)
-
-    monkeypatch.setattr(runio.MetricsLog, "log", die_at_step_5)
+    kill_at_step(5)
     config = tiny_config(tmp_path / "b", data)
     with pytest.raises(KeyboardInterrupt):
         run_sft(config)
     assert (tmp_path / "b" / "sft" / "checkpoint").exists() and not runio.is_complete(tmp_path / "b" / "sft")
-    monkeypatch.setattr(runio.MetricsLog, "log", original_log)
+    kill_at_step.heal()
     resumed = run_sft(config)
 
     steps = [r["step"] for r in runio.read_metrics(resumed / "metrics.jsonl")]
