@@ -1,0 +1,305 @@
+"""Side-by-side benchmark: instrugo vs TRL 1.12 on the same machine, models, data and settings.
+
+    make bench-quick            # tiny model, 1 repeat: a smoke check in a few minutes
+    make bench                  # default model (SmolLM2-135M), 3 repeats: the numbers in docs/BENCHMARKS.md
+    .venv/bin/python bench/run.py --mode quick --out results.json
+
+One invocation measures, in order: the matmul ceiling (bf16 and fp32 GFLOP/s), then PPO updates (split
+into generation, scoring and training), generation against plain `model.generate`, reward-model epochs
+on K-way rankings against TRL's RewardTrainer on the same rankings expanded into pairs, and SFT
+throughput against SFTTrainer. Every measured job runs in its own process (bench/instrugo_jobs.py in
+the project venv, bench/trl_jobs.py in bench/.venv-trl, which this script creates), so each job's peak
+RSS is its own; the table shows medians over `--repeats` and instrugo ÷ TRL ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from measure import (Row, ceiling_fraction, markdown_table, median, ppo_phase_flops, train_flops,
+                     write_json_atomic)
+
+BENCH = Path(__file__).resolve().parent
+TRL_VENV = BENCH / ".venv-trl"
+# torch pinned: this machine has the 2.13.0 CPU wheel on disk; an unpinned torch pulls a CUDA build.
+TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.12.*"]
+
+
+@dataclass
+class Settings:
+    """What one mode measures. Batch sizes are identical on both sides for every benchmark."""
+
+    models: list[str]                 # models for SFT, RM and generation ('tiny' or 'default')
+    ppo_models: list[str]             # PPO is measured at each of these
+    repeats: int                      # each job runs this many times; the table shows medians
+    ppo_batch: int = 8                # episodes per update (one minibatch, one micro-batch)
+    ppo_response_length: int = 32     # max new tokens per response
+    ppo_updates: int = 3              # measured updates per run, after one warm-up update
+    ppo_epochs: int = 4               # PPO epochs per update (TRL's default)
+    ppo_prompts: int = 64
+    sft_examples: int = 256
+    sft_batch: int = 16
+    sft_micro_batch: int = 8
+    sft_lr: float = 2e-5
+    max_length: int = 384             # tokens of prompt + response (SFT and RM)
+    rm_k: list[int] = field(default_factory=lambda: [4, 9])
+    rm_prompts: int = 320
+    rm_prompts_per_batch: int = 16    # instrugo optimiser step; TRL steps over pairs_per_batch pairs
+    rm_sequences_per_forward: int = 16  # both sides: ~16 sequences per forward pass
+    rm_lr: float = 2e-5
+    heldout_fraction: float = 0.1
+    generate_rounds: int = 3
+    matmul_size: int = 2048
+    seed: int = 0
+
+
+MODES = {
+    "quick": Settings(models=["tiny"], ppo_models=["tiny"], repeats=1, ppo_response_length=16, ppo_updates=1,
+                      ppo_prompts=16, sft_examples=64, sft_batch=8, sft_micro_batch=8, sft_lr=1e-3, max_length=256,
+                      rm_prompts=48, rm_prompts_per_batch=8, rm_lr=1e-3, heldout_fraction=0.25, generate_rounds=2,
+                      matmul_size=1024),
+    "full": Settings(models=["default"], ppo_models=["default", "tiny"], repeats=3),
+}
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+@dataclass
+class JobResult:
+    result: dict | None          # what the job returned; None when it failed
+    peak_rss_mib: float          # the job process's own peak resident memory
+    error: str = ""              # the end of its log when it failed
+
+
+def run_job(python: Path, script: str, job: dict, workdir: Path, name: str) -> JobResult:
+    """Run one job in a fresh process; wait4 gives that child's own rusage (peak RSS in KiB on Linux)."""
+    job_file, result_file, log_file = (workdir / f"{name}.{suffix}" for suffix in ("job.json", "result.json", "log"))
+    write_json_atomic(job_file, job)
+    with open(log_file, "w") as log:
+        process = subprocess.Popen([str(python), str(BENCH / script), str(job_file), str(result_file)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=BENCH.parent)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / 1024
+    if process.returncode != 0 or not result_file.exists():
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+        return JobResult(None, peak, f"{name} exited with {process.returncode}; log {log_file}:\n{tail}")
+    return JobResult(json.loads(result_file.read_text()), peak)
+
+
+def ensure_trl_venv() -> tuple[Path | None, str]:
+    """bench/.venv-trl with TRL 1.12 (created once); returns (python, "") or (None, why not)."""
+    python = TRL_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import trl, trl.experimental.ppo; print(trl.__version__)"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python, ""
+    steps = [[sys.executable, "-m", "venv", str(TRL_VENV)],
+             [str(python), "-m", "pip", "install", "-q", *TRL_REQUIREMENTS]]
+    for step in steps:
+        print("bench:", " ".join(step), flush=True)
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            return None, f"`{' '.join(step)}` failed: {(done.stderr or done.stdout).strip()[-800:]}"
+    done = subprocess.run(probe, capture_output=True, text=True)
+    return (python, "") if done.returncode == 0 else (None, f"TRL does not import: {done.stderr.strip()[-800:]}")
+
+
+class Harness:
+    """Runs jobs, repeats them, and keeps every raw result for --out."""
+
+    def __init__(self, settings: Settings, workdir: Path, trl_python: Path | None):
+        self.settings, self.workdir, self.trl_python = settings, workdir, trl_python
+        self.raw: dict[str, list[dict]] = {}
+        self.errors: list[str] = []
+
+    def measure(self, side: str, name: str, job: dict, repeats: int | None = None) -> list[dict]:
+        """Run a job `repeats` times on one side ('instrugo' or 'trl'); each run gets a fresh out dir."""
+        if side == "trl" and self.trl_python is None:
+            return []
+        python, script = (Path(sys.executable), "instrugo_jobs.py") if side == "instrugo" else (self.trl_python, "trl_jobs.py")
+        runs = []
+        for repeat in range(repeats or self.settings.repeats):
+            label = f"{side}-{name}-{repeat}"
+            print(f"bench: {label}", flush=True)
+            outcome = run_job(python, script, {**job, "out": str(self.workdir / label)}, self.workdir, label)
+            if outcome.result is None:
+                self.errors.append(outcome.error)
+                print(outcome.error, file=sys.stderr, flush=True)
+                continue
+            runs.append({**outcome.result, "peak_rss_mib": outcome.peak_rss_mib})
+        self.raw[f"{side}/{name}"] = runs
+        return runs
+
+
+def med(runs: list[dict], key: str) -> float | None:
+    return median([r.get(key) for r in runs])
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
+    s = h.settings
+    job = {"kind": "ppo", "model": inputs["model"], "reward_model": inputs["reward_model"],
+           "pad_token": inputs["pad_token"], "batch_size": s.ppo_batch, "response_length": s.ppo_response_length,
+           "updates": s.ppo_updates, "ppo_epochs": s.ppo_epochs, "precision": precision, "seed": s.seed, "lr": 1e-5}
+    ours = h.measure("instrugo", f"ppo-{model}", {**job, "prompts": inputs["ppo"]})
+    theirs = h.measure("trl", f"ppo-{model}", {**job, "prompts": inputs["ppo_trl"]})
+    n = inputs["flop_parameters"]
+    tokens = inputs["ppo_prompt_tokens"] + (med(ours, "response_tokens") or 0)
+    flops = ppo_phase_flops(n["policy"], n["scalar_head"], n["scalar_head"], s.ppo_batch, tokens, s.ppo_epochs)
+    flops["update"] = sum(flops.values())
+    bench = f"PPO {model} (batch {s.ppo_batch}, {s.ppo_response_length} tokens, {s.ppo_epochs} epochs)"
+    rows = [Row(bench, f"{phase} s/update", med(ours, f"{phase}_seconds"), med(theirs, f"{phase}_seconds"),
+                goal="≤ 0.33" if phase == "update" else "", unit="s",
+                ceiling=ceiling_fraction(flops[phase], med(ours, f"{phase}_seconds"), ceiling))
+            for phase in ("update", "generate", "score", "train")]
+    rows.append(Row(bench, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), goal="≤ 0.5", unit="MiB"))
+    return rows
+
+
+def bench_generate(h: Harness, model: str, inputs: dict, precision: str) -> list[Row]:
+    s = h.settings
+    job = {"kind": "generate", "model": inputs["model"], "prompts": inputs["ppo"], "batch_size": s.ppo_batch,
+           "response_length": s.ppo_response_length, "rounds": s.generate_rounds, "precision": precision}
+    ours = h.measure("instrugo", f"generate-{model}", {**job, "impl": "instrugo"})
+    plain = h.measure("instrugo", f"plain-generate-{model}", {**job, "impl": "plain"})
+    # The baseline here is plain `model.generate` (what TRL's rollout calls), in the same venv.
+    return [Row(f"generation {model} (batch {s.ppo_batch}; 'TRL' column: plain model.generate)", "tokens/s",
+                med(ours, "tokens_per_second"), med(plain, "tokens_per_second"), goal="≥ 2")]
+
+
+def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
+    s = h.settings
+    rows = []
+    for k in s.rm_k:
+        data = inputs[f"rm_k{k}"]
+        micro = max(1, s.rm_sequences_per_forward // k)
+        while s.rm_prompts_per_batch % micro:
+            micro -= 1
+        common = {"model": inputs["model"], "pad_token": inputs["pad_token"], "lr": s.rm_lr, "max_length": s.max_length,
+                  "precision": precision, "seed": s.seed}
+        ours = h.measure("instrugo", f"rm-k{k}-{model}", {"kind": "rm", **common, "tasks": data["tasks"],
+                                                         "prompts_per_batch": s.rm_prompts_per_batch,
+                                                         "micro_batch_prompts": micro,
+                                                         "heldout_fraction": s.heldout_fraction})
+        theirs = h.measure("trl", f"rm-k{k}-{model}", {"kind": "rm", **common, "pairs": data["pairs_trl"],
+                                                      "pairs_per_batch": s.rm_sequences_per_forward // 2})
+        for run in theirs:  # judged by instrugo's evaluator on the same held-out prompts
+            evaluated = h.measure("instrugo", f"rm-eval-k{k}-{model}", {
+                "kind": "rm_eval", "model_dir": run["model_dir"], "heldout": data["heldout"],
+                "precision": precision, "max_length": s.max_length}, repeats=1)
+            run["heldout_accuracy"] = evaluated[0]["heldout_accuracy"] if evaluated else None
+        bench = f"RM {model} K={k} ({data['train_prompts']} prompts = {data['train_pairs']} pairs, 1 epoch)"
+        goal = {4: "≤ 0.33", 9: "≤ 0.17"}.get(k, "")
+        flops = train_flops(inputs["flop_parameters"]["scalar_head"], med(ours, "tokens") or 0)
+        rows += [Row(bench, "epoch s", med(ours, "train_seconds"), med(theirs, "train_seconds"), goal=goal, unit="s",
+                     ceiling=ceiling_fraction(flops, med(ours, "train_seconds"), ceiling)),
+                 Row(bench, "held-out accuracy", med(ours, "heldout_accuracy"), med(theirs, "heldout_accuracy"),
+                     goal="≥ 1", unit="%"),
+                 Row(bench, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+    return rows
+
+
+def bench_sft(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
+    s = h.settings
+    job = {"kind": "sft", "model": inputs["model"], "pad_token": inputs["pad_token"], "batch_size": s.sft_batch,
+           "micro_batch_size": s.sft_micro_batch, "max_length": s.max_length, "lr": s.sft_lr,
+           "precision": precision, "seed": s.seed}
+    ours = h.measure("instrugo", f"sft-{model}", {**job, "data": inputs["sft"]})
+    theirs = h.measure("trl", f"sft-{model}", {**job, "data": inputs["sft_trl"]})
+    flops = train_flops(inputs["flop_parameters"]["policy"], med(ours, "tokens") or 0)
+    bench = f"SFT {model} ({s.sft_examples} examples, batch {s.sft_batch})"
+    return [Row(bench, "tokens/s", med(ours, "tokens_per_second"), med(theirs, "tokens_per_second"), goal="≥ 1",
+                ceiling=ceiling_fraction(flops, med(ours, "train_seconds"), ceiling)),
+            Row(bench, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--repeats", type=int, help="override the mode's number of repeats")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="both sides use this; auto = bf16 where the measured bf16 matmul is ≥1.3x fp32")
+    parser.add_argument("--no-trl", action="store_true", help="measure instrugo only")
+    parser.add_argument("--out", help="write every raw result and the table to this JSON file")
+    parser.add_argument("--keep", help="keep run directories and job logs here instead of a temp dir")
+    args = parser.parse_args(argv)
+    settings = MODES[args.mode]
+    if args.repeats:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+
+    trl_python, trl_missing = (None, "--no-trl given") if args.no_trl else ensure_trl_venv()
+    if trl_python is None:
+        print(f"bench: TRL unavailable, measuring instrugo only ({trl_missing})", file=sys.stderr)
+
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="instrugo-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    harness = Harness(settings, workdir, trl_python)
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    hardware = harness.measure("instrugo", "matmul", {"kind": "matmul", "size": settings.matmul_size, "seconds": 3.0},
+                               repeats=1)
+    if not hardware:
+        print("\n\n".join(harness.errors), file=sys.stderr)
+        return 1
+    ceiling = hardware[0]["bf16_gflops"]
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if hardware[0]["bf16_gflops"] >= 1.3 * hardware[0]["fp32_gflops"] else "fp32"
+
+    rows: list[Row] = []
+    for model in dict.fromkeys(settings.ppo_models + settings.models):
+        prepared = harness.measure("instrugo", f"prepare-{model}", {
+            "kind": "prepare", "model": model, "dir": str(workdir / f"inputs-{model}"), "seed": settings.seed,
+            "sft_examples": settings.sft_examples, "ppo_prompts": settings.ppo_prompts, "rm_k": settings.rm_k,
+            "rm_prompts": settings.rm_prompts, "heldout_fraction": settings.heldout_fraction}, repeats=1)
+        if not prepared:
+            continue
+        inputs = prepared[0]
+        if model in settings.ppo_models:
+            rows += bench_ppo(harness, model, inputs, precision, ceiling)
+        if model in settings.models:
+            rows += bench_generate(harness, model, inputs, precision)
+            rows += bench_rm(harness, model, inputs, precision, ceiling)
+            rows += bench_sft(harness, model, inputs, precision, ceiling)
+
+    header = (f"mode {args.mode}, {settings.repeats} repeat(s), precision {precision} on both sides; "
+              f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
+              f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
+              + ("" if trl_python else f"; TRL unavailable: {trl_missing}"))
+    table = markdown_table(rows)
+    print(f"\n{header}\n\n{table}")
+    if harness.errors:
+        print(f"\n{len(harness.errors)} job(s) failed; the table shows — for them:", file=sys.stderr)
+        print("\n\n".join(harness.errors), file=sys.stderr)
+    if args.out:
+        write_json_atomic(args.out, {"header": header, "settings": dataclasses.asdict(settings), "precision": precision,
+                                     "hardware": hardware[0], "trl_unavailable": trl_missing or None,
+                                     "rows": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in rows],
+                                     "table": table, "raw": harness.raw, "errors": harness.errors})
+    return 1 if harness.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
