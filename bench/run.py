@@ -82,15 +82,17 @@ class JobResult:
 
 
 def run_job(python: Path, script: str, job: dict, workdir: Path, name: str) -> JobResult:
-    """Run one job in a fresh process; wait4 gives that child's own rusage (peak RSS in KiB on Linux)."""
-    job_file, result_file, log_file = (workdir / f"{name}.{suffix}" for suffix in ("job.json", "result.json", "log"))
+    """Run one job in a fresh process; peak_rss.py records that process's own peak RSS (VmHWM)."""
+    job_file, result_file, log_file, rss_file = (workdir / f"{name}.{suffix}"
+                                                 for suffix in ("job.json", "result.json", "log", "rss"))
     write_json_atomic(job_file, job)
+    rss_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
-        process = subprocess.Popen([str(python), str(BENCH / script), str(job_file), str(result_file)],
+        process = subprocess.Popen([str(python), str(BENCH / "peak_rss.py"), str(rss_file), str(BENCH / script),
+                                    str(job_file), str(result_file)],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=BENCH.parent)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss / 1024
+        process.wait()
+    peak = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")
     if process.returncode != 0 or not result_file.exists():
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
         return JobResult(None, peak, f"{name} exited with {process.returncode}; log {log_file}:\n{tail}")

@@ -186,8 +186,12 @@ def judged_row(key: str, record: dict, sample, gold_judge) -> dict:
 
 
 def generation_key(model_path: str, split: str, config: EvalConfig) -> str:
-    settings = (str(models.resolve_model(model_path).resolve()), split, config.max_prompts,
-                config.max_new_tokens, config.temperature, config.seed)
+    """Identifies a model's generations: its directory and weights (a retrained model at the same path gets
+    new generations) and the sampling settings."""
+    directory = models.resolve_model(model_path).resolve()
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.glob("*.safetensors"))
+    settings = (str(directory), weights, split, config.max_prompts, config.max_new_tokens, config.temperature,
+                config.seed)
     return hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
 
 

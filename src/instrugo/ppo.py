@@ -191,10 +191,12 @@ def pad_right(rows: list[list[int]], pad: int, width: int | None = None) -> torc
 
 
 def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
-    """Endless shuffled micro-batches of pretraining text for the ptx term."""
+    """Endless shuffled micro-batches of pretraining text for the ptx term. Each text ends with EOS: a
+    document's end is part of its likelihood, and texts without one teach the policy never to stop."""
     from instrugo.sft import collate
 
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length - 1] + [tokenizer.eos_token_id]
+               for t in texts]
     encoded = [e for e in encoded if len(e) > 1]
     rng = random.Random(seed)
     while True:

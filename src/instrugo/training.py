@@ -6,6 +6,7 @@ Kept out of the stage modules so that each of them reads top to bottom as its st
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -24,7 +25,13 @@ TRAINER_STATE = "trainer_state.json"
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     """An Accelerator with bf16 autocast when `precision == "bf16"` (fp32 master weights either way)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # Stages run one after another in one process (`instrugo run`, tests) and may ask for different
+    # precisions; accelerate keeps one global state, so start each stage from a fresh one. The
+    # process-level state (the distributed setup) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                        gradient_accumulation_steps=gradient_accumulation_steps)
 
@@ -58,9 +65,16 @@ def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, An
     """Save model, optimiser, scheduler and RNG states plus `state` (step counters) atomically."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_directory(Path(out_dir) / CHECKPOINT_DIR) as tmp:
-            accelerator.save_state(str(tmp))
-            atomic_write_json(tmp / TRAINER_STATE, state)
+        # accelerate warns on every save that tied embeddings are stored once; that is expected here.
+        tied_weights_warning = logging.getLogger("accelerate.utils.other")
+        level = tied_weights_warning.level
+        tied_weights_warning.setLevel(logging.ERROR)
+        try:
+            with atomic_directory(Path(out_dir) / CHECKPOINT_DIR) as tmp:
+                accelerator.save_state(str(tmp))
+                atomic_write_json(tmp / TRAINER_STATE, state)
+        finally:
+            tied_weights_warning.setLevel(level)
     accelerator.wait_for_everyone()
 
 
