@@ -99,3 +99,28 @@ def test_ranking_with_ties_yields_only_strict_pairs(tmp_path):
     assert tied.rank_levels() == [1, 2, 0, 1]
     assert sorted(tied.pairs()) == [(0, 1), (2, 0), (2, 1), (2, 3), (3, 1)]
     assert pair.responses == ["good", "bad"] and pair.pairs() == [(0, 1)]
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    runio.MetricsLog(path, resume_step=2).log({"step": 3})
+    assert [r["step"] for r in runio.read_metrics(path)] == [1, 2, 3]
+
+
+def test_checkpoint_left_only_under_its_old_name_is_still_found(tmp_path):
+    from instrugo.training import CHECKPOINT_DIR, TRAINER_STATE, load_checkpoint
+
+    old = tmp_path / f".{CHECKPOINT_DIR}.old"
+    old.mkdir()
+    runio.atomic_write_json(old / TRAINER_STATE, {"step": 7})
+
+    class FakeAccelerator:
+        def load_state(self, path):
+            self.loaded = path
+
+    accelerator = FakeAccelerator()
+    assert load_checkpoint(accelerator, tmp_path) == {"step": 7} and accelerator.loaded == str(old)
+    with runio.atomic_directory(tmp_path / CHECKPOINT_DIR) as tmp:
+        (tmp / "new").write_text("x")
+    assert (tmp_path / CHECKPOINT_DIR / "new").exists() and not old.exists()

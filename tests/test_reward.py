@@ -93,3 +93,32 @@ def test_tiny_reward_model_learns_rankings_and_is_normalised(tmp_path):
 
     plain = AutoModelForSequenceClassification.from_pretrained(out)
     assert plain.config.num_labels == 1 and isinstance(plain.config.reward_bias, float)
+
+
+def test_tiny_reward_model_learns_from_the_simulated_labeler_pool(tmp_path):
+    """InstruGo demonstrations against degraded answers, ranked by the noisy simulated labelers (25% flips),
+    as `instrugo label simulate` does; the tiny RM must beat chance on held-out prompts."""
+    from instrugo.comparisons import task_rows
+    from instrugo.data import load_split
+    from instrugo.labelers import LabelerConfig, simulate_labels
+
+    records = load_split("sft")[:160]
+    tasks = []
+    for i, record in enumerate(records):
+        words = record["response"].split()
+        other = records[(i + 1) % len(records)]["response"]
+        responses = [record["response"], " ".join(words[:4]), other, " ".join(words[:3] * 6)]
+        if len(set(responses)) == 4:
+            tasks.append(ComparisonTask(id=record["id"], prompt=record["prompt"], responses=responses, example=record))
+    labeled = simulate_labels(tasks, LabelerConfig(seed=1))
+    path = tmp_path / "labeled.jsonl"
+    runio.atomic_write_jsonl(path, task_rows(labeled))
+
+    config = RewardConfig(model="tiny", comparisons=[str(path)], out=str(tmp_path / "run" / "rm"), epochs=2.0,
+                          lr=2e-3, prompts_per_batch=8, micro_batch_prompts=4, max_length=192, heldout_fraction=0.25,
+                          normalize_data="", precision="fp32", save_every=100)
+    run_reward(config)
+    summary = runio.read_json(tmp_path / "run" / "eval.json")["reward_model"]
+    n = summary["heldout_gold_pairs"]
+    assert n > 100
+    assert summary["heldout_accuracy_vs_gold"] > 0.5 + 4 * 0.5 / math.sqrt(n)

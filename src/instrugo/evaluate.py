@@ -190,8 +190,10 @@ def generation_key(model_path: str, split: str, config: EvalConfig) -> str:
     new generations) and the sampling settings."""
     directory = models.resolve_model(model_path).resolve()
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.glob("*.safetensors"))
+    scorer = config.reward_model and models.resolve_model(config.reward_model).resolve()
+    scorer_weights = scorer and sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in scorer.glob("*.safetensors"))
     settings = (str(directory), weights, split, config.max_prompts, config.max_new_tokens, config.temperature,
-                config.seed)
+                config.seed, str(scorer), scorer_weights)
     return hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
 
 

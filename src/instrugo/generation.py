@@ -95,6 +95,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
                 max_new_tokens=config.max_new_tokens, do_sample=not greedy,
                 temperature=None if greedy else config.temperature, top_p=None if greedy else config.top_p,
                 top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                # The pad token is a real vocabulary entry; sampled, it would be mistaken for padding.
+                suppress_tokens=[tokenizer.pad_token_id],
             )
         generated = output[:, input_ids.shape[1]:].tolist()
         for (prompt_index, copy), row in zip(batch, generated):

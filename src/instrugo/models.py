@@ -152,6 +152,25 @@ def _dropout_off(config) -> None:
             setattr(config, key, 0.0)
 
 
+def load_scalar_model(path: str | os.PathLike, tokenizer):
+    """A one-label sequence classifier (reward or value model), dropout off before the modules are built.
+
+    A causal LM directory gets a new, uninitialised `score` head (the caller initialises it)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    directory = resolve_model(path)
+    config = AutoConfig.from_pretrained(directory, num_labels=1)
+    _dropout_off(config)
+    config.pad_token_id = tokenizer.pad_token_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected for a causal LM backbone
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(directory, config=config, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | None = None):
     """A causal LM in fp32 (master weights), dropout off unless `dropout` is given."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
 from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
-from instrugo.runio import MetricsLog, atomic_write_json, is_complete, mark_complete
+from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete
 
 
 @dataclass
@@ -159,7 +159,9 @@ class TokenValueModel(torch.nn.Module):
         hidden = self.classifier.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                             position_ids=position_ids).last_hidden_state
         states = hidden[:, -(response_width + 1):-1]  # the state before each response token
-        return self.classifier.score(states).squeeze(-1).float()
+        # Start from the reward model's normalised scale: its bias makes demonstrations score 0.
+        bias = float(getattr(self.classifier.config, "reward_bias", 0.0))
+        return self.classifier.score(states).squeeze(-1).float() + bias
 
 
 class EMA:
@@ -210,8 +212,6 @@ def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: i
 
 def run_ppo(config: PPOConfig) -> Path:
     """Train the policy with PPO (PPO-ptx when ptx_coef > 0); returns the output directory."""
-    from transformers import AutoModelForSequenceClassification
-
     from instrugo.data import load_examples, load_split
     from instrugo.reward import load_reward_model, score_texts
 
@@ -230,14 +230,12 @@ def run_ppo(config: PPOConfig) -> Path:
     reference = models.load_causal_lm(config.reference or config.policy, tokenizer).eval().requires_grad_(False)
     reward_model, reward_tokenizer = load_reward_model(models.resolve_model(config.reward_model))
     reward_model.requires_grad_(False)
+    reference.to(accelerator.device), reward_model.to(accelerator.device)
     value_path = models.resolve_model(config.value_model or config.reward_model)
-    value_tokenizer = models.load_tokenizer(value_path)
-    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"ppo: the value model {value_path} must share the policy's tokenizer (it scores every "
-                         "policy token); pass --value-model with a model of the policy's family")
-    value = TokenValueModel(AutoModelForSequenceClassification.from_pretrained(value_path, dtype=torch.float32))
-    models._dropout_off(value.classifier.config)
-    value.classifier.config.pad_token_id = tokenizer.pad_token_id
+    if models.load_tokenizer(value_path).get_vocab() != tokenizer.get_vocab():
+        raise InputError(value_path, "the value model must share the policy's tokenizer (it scores every policy "
+                         "token); pass --value-model with a model of the policy's family", field="value_model")
+    value = TokenValueModel(models.load_scalar_model(value_path, tokenizer))
 
     iterations = config.total_episodes // config.episodes_per_batch
     policy_optimizer = training.adamw(policy.parameters(), config.lr, (0.9, 0.95), config.adam_eps)
@@ -356,12 +354,16 @@ def run_ppo(config: PPOConfig) -> Path:
                                                                            micro.response_mask, config.value_clip_range)
                         accelerator.backward((policy_loss + value_loss) * share)
                         if ptx_stream is not None:
-                            # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT).
+                            # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT),
+                            # in chunks of micro_batch_size sequences to bound the logits' memory.
                             ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
-                            ptx_logits = policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
-                            ptx_loss = losses.response_lm_loss(ptx_logits.float(), ptx["input_ids"], ptx["loss_mask"])
-                            accelerator.backward(config.ptx_coef * ptx_loss * share)
-                            stats["ptx_loss"].append(ptx_loss.item())
+                            for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
+                                part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
+                                ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                                ptx_loss = losses.response_lm_loss(ptx_logits.float(), part["input_ids"], part["loss_mask"])
+                                chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
+                                accelerator.backward(config.ptx_coef * ptx_loss * share * chunk_share)
+                                stats["ptx_loss"].append(ptx_loss.item())
                     with torch.no_grad():
                         stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
                     stats["policy_loss"].append(policy_loss.item())
@@ -415,9 +417,7 @@ def run_ppo(config: PPOConfig) -> Path:
     if accelerator.is_main_process:
         final_policy = accelerator.unwrap_model(policy)
         training.save_pretrained_files(final_policy, tokenizer, out)
-        value_model = accelerator.unwrap_model(value).classifier
-        value_model.config.reward_bias = 0.0
-        training.save_pretrained_files(value_model, tokenizer, out / "value")
+        training.save_pretrained_files(accelerator.unwrap_model(value).classifier, tokenizer, out / "value")
         if ema is not None:
             ema_policy = copy.deepcopy(final_policy)
             ema_policy.load_state_dict(ema.shadow)

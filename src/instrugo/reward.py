@@ -10,7 +10,7 @@ The model is a causal LM backbone (the SFT policy by default; any causal LM, wit
 reads *text*) whose unembedding is replaced by a scalar head, N(0, 1/sqrt(d+1)) initialised, read at the
 last response token (EOS). One epoch, cosine LR to 10%. Afterwards a bias is chosen so that the SFT
 demonstrations score 0 on average; it is stored in the model's config as `reward_bias`
-(`load_reward_model` applies it; plain transformers returns the raw score, so add `config.reward_bias`).
+(`score_texts` adds it; plain transformers returns the raw score, so add `config.reward_bias`).
 
     instrugo rm --model runs/sft --comparisons labeled.jsonl --out runs/rm
 """
@@ -78,18 +78,7 @@ class RewardConfig:
 
 def init_reward_model(backbone: str | Path, tokenizer, seed: int):
     """A causal LM backbone with a fresh scalar head: N(0, 1/sqrt(d_model + 1)) (InstructGPT)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    directory = models.resolve_model(backbone)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    models._dropout_off(model.config)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = models.load_scalar_model(backbone, tokenizer)
     head = model.score
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -100,13 +89,10 @@ def init_reward_model(backbone: str | Path, tokenizer, seed: int):
 
 
 def load_reward_model(path: str | Path):
-    """A trained reward model and its tokenizer; scores come out normalised (config.reward_bias added)."""
-    from transformers import AutoModelForSequenceClassification
-
+    """A trained reward model and its tokenizer. The model returns raw scores; `score_texts` adds
+    `config.reward_bias` so that demonstrations score 0 on average."""
     tokenizer = models.load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+    return models.load_scalar_model(path, tokenizer).eval(), tokenizer
 
 
 def reward_inputs(tokenizer, prompt: str | list[dict], response: str, max_length: int) -> list[int]:
@@ -133,9 +119,11 @@ def raw_scores(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list, responses: list[str], precision: str,
-                batch_size: int = 16, max_length: int = 384) -> list[float]:
-    """Normalised rewards of (prompt, response) texts: what PPO, best-of-n and evaluation call."""
+                batch_size: int = 16, max_length: int | None = None) -> list[float]:
+    """Normalised rewards of (prompt, response) texts: what PPO, best-of-n and evaluation call. Texts are
+    cut to the length the model was trained on (`config.reward_max_length`)."""
     bias = float(getattr(model.config, "reward_bias", 0.0))
+    max_length = max_length or int(getattr(model.config, "reward_max_length", 384))
     scores: list[float] = []
     for start in range(0, len(responses), batch_size):
         sequences = [reward_inputs(tokenizer, p, r, max_length)
@@ -211,20 +199,13 @@ def heldout_accuracy(model, tokenizer, tasks: list[ComparisonTask], precision: s
 
 
 def demonstration_bias(model, tokenizer, spec: str, n: int, precision: str, max_length: int) -> float:
-    """Minus the mean raw score of the demonstrations: adding it makes them score 0 on average."""
+    """The bias that makes the demonstrations score 0 on average (InstructGPT's normalisation)."""
     from instrugo.data import load_examples
 
     records = load_examples(spec)[:n]
-    with torch.no_grad():
-        scores = [s for start in range(0, len(records), 16)
-                  for s in _raw_batch(model, tokenizer, records[start:start + 16], precision, max_length)]
-    return -sum(scores) / len(scores)
-
-
-def _raw_batch(model, tokenizer, records, precision, max_length) -> list[float]:
-    sequences = [reward_inputs(tokenizer, r["messages"], r["response"], max_length) for r in records]
-    with models.autocast(precision):
-        return raw_scores(model, sequences, tokenizer.pad_token_id).tolist()
+    scores = score_texts(model, tokenizer, [r["messages"] for r in records], [r["response"] for r in records],
+                         precision, max_length=max_length)
+    return float(getattr(model.config, "reward_bias", 0.0)) - sum(scores) / len(scores)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -311,12 +292,13 @@ def run_reward(config: RewardConfig) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.eval()
-        result = heldout_accuracy(model, tokenizer, heldout, precision, config.max_length)
-        bias = (demonstration_bias(model, tokenizer, config.normalize_data, config.normalize_examples,
+        # Evaluate the unwrapped model: a distributed wrapper's forward would wait for the other processes.
+        final = models.merge_lora(accelerator.unwrap_model(model)).eval()
+        result = heldout_accuracy(final, tokenizer, heldout, precision, config.max_length)
+        bias = (demonstration_bias(final, tokenizer, config.normalize_data, config.normalize_examples,
                                    precision, config.max_length) if config.normalize_data else 0.0)
-        final = models.merge_lora(accelerator.unwrap_model(model))
         final.config.reward_bias = bias
+        final.config.reward_max_length = config.max_length
         training.save_pretrained_files(final, tokenizer, out)
         summary = {**result, "n_comparisons": n_comparisons, "n_prompts": len(tasks), "reward_bias": bias,
                    "train_seconds": round(train_seconds, 2), "expand_pairs": config.expand_pairs,

@@ -104,9 +104,9 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
+        if final.exists():  # else `old` may be the only complete copy left by an earlier kill: keep it
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -131,7 +131,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [r for _, r in iter_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in _complete_lines(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_jsonl(self.path, kept)
 
     def log(self, row: dict) -> None:
@@ -142,6 +142,17 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    """The log's rows, without a last line that a kill cut short mid-write."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
 from instrugo.generation import chat_prompt
-from instrugo.runio import MetricsLog, atomic_write_json, is_complete, mark_complete
+from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete
 
 
 @dataclass
@@ -133,7 +133,7 @@ def run_sft(config: SFTConfig) -> Path:
     skipped = sum(e is None for e in examples)
     examples = [e for e in examples if e is not None]
     if not examples:
-        raise SystemExit(f"sft: no usable examples in {config.data} (all prompts longer than max_length)")
+        raise InputError(config.data, f"no usable examples: every prompt is longer than max_length ({config.max_length})")
 
     model = models.load_causal_lm(config.model, tokenizer, dropout=config.dropout)
     if config.lora_rank:

@@ -32,8 +32,9 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     # process-level state (the distributed setup) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # Schedules are defined per optimiser step; accelerate would otherwise step them once per process.
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                       gradient_accumulation_steps=gradient_accumulation_steps)
+                       gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:
@@ -79,8 +80,13 @@ def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, An
 
 
 def load_checkpoint(accelerator, out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Restore the last checkpoint in `out_dir` into the prepared objects; None when there is none."""
+    """Restore the last checkpoint in `out_dir` into the prepared objects; None when there is none.
+
+    A kill between the two renames of `atomic_directory` leaves only the previous checkpoint, under
+    its `.old` name: that one is used then."""
     checkpoint = Path(out_dir) / CHECKPOINT_DIR
+    if not (checkpoint / TRAINER_STATE).exists():
+        checkpoint = Path(out_dir) / f".{CHECKPOINT_DIR}.old"
     if not (checkpoint / TRAINER_STATE).exists():
         return None
     accelerator.load_state(str(checkpoint))
