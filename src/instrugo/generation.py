@@ -1,9 +1,11 @@
 """Batched sampling: the one place every stage generates text through.
 
 Prompts are chat-formatted, bucketed by length (so a batch carries little padding), left-padded with a
-pad token distinct from EOS, and decoded with a KV cache; the batch stops as soon as every row has emitted
-EOS. Each response is truncated after its first EOS, and we keep whether it had one (PPO gives responses
-without EOS a fixed low score).
+pad token distinct from EOS, and decoded with a KV cache by our own loop rather than `model.generate`:
+rows that have emitted EOS leave the batch (their cache rows are dropped), so the cost of a batch follows
+its responses' lengths instead of the longest one's, and a step is one forward pass plus a few tensor ops.
+Each response ends at its first EOS, and we keep whether it had one (PPO gives responses without EOS a
+fixed low score).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from instrugo.models import autocast
 
@@ -54,17 +57,61 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def truncate_at_eos(token_ids: Sequence[int], eos_id: int, pad_id: int) -> tuple[list[int], bool]:
-    """Cut a generated row after its first EOS; drop trailing padding. Returns (tokens, has_eos)."""
-    out: list[int] = []
-    for token in token_ids:
-        if token == eos_id:
-            out.append(token)
-            return out, True
-        if token == pad_id:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from [B, V] logits: greedy when temperature is 0, else softmax(logits / T) cut
+    to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is below top_p (the most likely token is always kept).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+           top_p: float, eos_id: int, pad_id: int, generator: torch.Generator) -> list[tuple[list[int], bool]]:
+    """Sample a continuation of each left-padded row; returns (tokens up to and including EOS, has_eos).
+
+    Finished rows are dropped from the batch and the KV cache once they are an eighth of it (dropping
+    costs a copy of the cache, so not one row at a time). Position ids skip the left padding, as in
+    training. The pad token is never sampled: it is a real vocabulary entry and would read as padding."""
+    batch = input_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    rows = torch.arange(batch)                       # original row of each row still in the batch
+    finished = torch.zeros(batch, dtype=torch.bool)  # emitted EOS, waiting to be dropped
+    next_position = positions[:, -1] + 1
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    has_eos = [False] * batch
+    for step in range(max_new_tokens):
+        logits[:, pad_id] = float("-inf")
+        token = next_tokens(logits, temperature, top_p, generator)
+        for row, value, done in zip(rows.tolist(), token.tolist(), finished.tolist()):
+            if not done:
+                tokens[row].append(value)
+                has_eos[row] = value == eos_id
+        finished |= token.cpu() == eos_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        out.append(token)
-    return out, False
+        if int(finished.sum()) * 8 >= len(rows):
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep.to(input_ids.device))
+            device_keep = keep.to(input_ids.device)
+            rows, finished = rows[keep], finished[keep]
+            token, attention_mask, next_position = token[device_keep], attention_mask[device_keep], next_position[device_keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return list(zip(tokens, has_eos))
 
 
 @torch.no_grad()
@@ -88,19 +135,12 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
     for batch_number, start in enumerate(range(0, len(jobs), config.batch_size)):
         batch = jobs[start:start + config.batch_size]
         input_ids, attention_mask = left_pad([encoded[i] for i, _ in batch], tokenizer.pad_token_id)
-        torch.manual_seed(seed * 1_000_003 + batch_number)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
         with autocast(precision):
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=config.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else config.temperature, top_p=None if greedy else config.top_p,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                # The pad token is a real vocabulary entry; sampled, it would be mistaken for padding.
-                suppress_tokens=[tokenizer.pad_token_id],
-            )
-        generated = output[:, input_ids.shape[1]:].tolist()
-        for (prompt_index, copy), row in zip(batch, generated):
-            tokens, has_eos = truncate_at_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            decoded = decode(model, input_ids.to(device), attention_mask.to(device), config.max_new_tokens,
+                             0.0 if greedy else config.temperature, config.top_p, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id, generator)
+        for (prompt_index, copy), (tokens, has_eos) in zip(batch, decoded):
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results[prompt_index][copy] = Sample(prompt_index, text, tokens, has_eos)
         if progress is not None:
