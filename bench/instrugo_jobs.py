@@ -126,8 +126,9 @@ def job_prepare(job: dict) -> dict:
 
     # Rankings: instrugo reads all tasks and holds out prompts itself; TRL gets the same training prompts
     # expanded into pairs (what a TRL user must do), and both are scored on the same held-out tasks.
-    for k in job["rm_k"]:
-        tasks = ranked_tasks(sft[-job["rm_prompts"]:], k, job["seed"])
+    for k, n_prompts in job["rm_prompts"].items():
+        k = int(k)  # JSON object keys are strings
+        tasks = ranked_tasks(sft[-n_prompts:], k, job["seed"])
         train, heldout = split_heldout(tasks, job["heldout_fraction"], job["seed"])
         atomic_write_jsonl(out / f"rm_k{k}.jsonl", task_rows(tasks))
         atomic_write_jsonl(out / f"rm_k{k}_heldout.jsonl", task_rows(heldout))

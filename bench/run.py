@@ -1,7 +1,7 @@
 """Side-by-side benchmark: instrugo vs TRL 1.12 on the same machine, models, data and settings.
 
     make bench-quick            # tiny model, 1 repeat: a smoke check in a few minutes
-    make bench                  # default model (SmolLM2-135M), 3 repeats: the numbers in docs/BENCHMARKS.md
+    make bench                  # default model (SmolLM2-135M): the numbers in docs/BENCHMARKS.md
     .venv/bin/python bench/run.py --mode quick --out results.json
 
 One invocation measures, in order: the matmul ceiling (bf16 and fp32 GFLOP/s), then PPO updates (split
@@ -9,7 +9,8 @@ into generation, scoring and training), generation against plain `model.generate
 on K-way rankings against TRL's RewardTrainer on the same rankings expanded into pairs, and SFT
 throughput against SFTTrainer. Every measured job runs in its own process (bench/instrugo_jobs.py in
 the project venv, bench/trl_jobs.py in bench/.venv-trl, which this script creates), so each job's peak
-RSS is its own; the table shows medians over `--repeats` and instrugo ÷ TRL ratios.
+RSS is its own; the table shows medians over repeats (`--repeats` for PPO and generation; SFT and RM
+epochs run `train_repeats` times, once in both modes, as they take minutes each) and instrugo ÷ TRL ratios.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Settings:
 
     models: list[str]                 # models for SFT, RM and generation ('tiny' or 'default')
     ppo_models: list[str]             # PPO is measured at each of these
-    repeats: int                      # each job runs this many times; the table shows medians
+    repeats: int                      # PPO and generation jobs run this many times; the table shows medians
+    train_repeats: int = 1            # SFT and reward-model epochs (minutes each at the default model)
     ppo_batch: int = 8                # episodes per update (one minibatch, one micro-batch)
     ppo_response_length: int = 32     # max new tokens per response
     ppo_updates: int = 3              # measured updates per run, after one warm-up update
@@ -52,8 +54,7 @@ class Settings:
     sft_micro_batch: int = 8
     sft_lr: float = 2e-5
     max_length: int = 384             # tokens of prompt + response (SFT and RM)
-    rm_k: list[int] = field(default_factory=lambda: [4, 9])
-    rm_prompts: int = 320
+    rm_prompts: dict[int, int] = field(default_factory=lambda: {4: 96, 9: 32})  # per K: TRL's pairs grow as K²
     rm_prompts_per_batch: int = 16    # instrugo optimiser step; TRL steps over pairs_per_batch pairs
     rm_sequences_per_forward: int = 16  # both sides: ~16 sequences per forward pass
     rm_lr: float = 2e-5
@@ -66,9 +67,9 @@ class Settings:
 MODES = {
     "quick": Settings(models=["tiny"], ppo_models=["tiny"], repeats=1, ppo_response_length=16, ppo_updates=1,
                       ppo_prompts=16, sft_examples=64, sft_batch=8, sft_micro_batch=8, sft_lr=1e-3, max_length=256,
-                      rm_prompts=48, rm_prompts_per_batch=8, rm_lr=1e-3, heldout_fraction=0.25, generate_rounds=2,
+                      rm_prompts={4: 48, 9: 48}, rm_prompts_per_batch=8, rm_lr=1e-3, heldout_fraction=0.25, generate_rounds=2,
                       matmul_size=1024),
-    "full": Settings(models=["default"], ppo_models=["default", "tiny"], repeats=3),
+    "full": Settings(models=["default"], ppo_models=["default", "tiny"], repeats=3, sft_examples=128),
 }
 
 
@@ -183,7 +184,7 @@ def bench_generate(h: Harness, model: str, inputs: dict, precision: str) -> list
 def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
     s = h.settings
     rows = []
-    for k in s.rm_k:
+    for k in s.rm_prompts:
         data = inputs[f"rm_k{k}"]
         micro = max(1, s.rm_sequences_per_forward // k)
         while s.rm_prompts_per_batch % micro:
@@ -193,9 +194,9 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
         ours = h.measure("instrugo", f"rm-k{k}-{model}", {"kind": "rm", **common, "tasks": data["tasks"],
                                                          "prompts_per_batch": s.rm_prompts_per_batch,
                                                          "micro_batch_prompts": micro,
-                                                         "heldout_fraction": s.heldout_fraction})
+                                                         "heldout_fraction": s.heldout_fraction}, s.train_repeats)
         theirs = h.measure("trl", f"rm-k{k}-{model}", {"kind": "rm", **common, "pairs": data["pairs_trl"],
-                                                      "pairs_per_batch": s.rm_sequences_per_forward // 2})
+                                                      "pairs_per_batch": s.rm_sequences_per_forward // 2}, s.train_repeats)
         for run in theirs:  # judged by instrugo's evaluator on the same held-out prompts
             evaluated = h.measure("instrugo", f"rm-eval-k{k}-{model}", {
                 "kind": "rm_eval", "model_dir": run["model_dir"], "heldout": data["heldout"],
@@ -217,8 +218,8 @@ def bench_sft(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
     job = {"kind": "sft", "model": inputs["model"], "pad_token": inputs["pad_token"], "batch_size": s.sft_batch,
            "micro_batch_size": s.sft_micro_batch, "max_length": s.max_length, "lr": s.sft_lr,
            "precision": precision, "seed": s.seed}
-    ours = h.measure("instrugo", f"sft-{model}", {**job, "data": inputs["sft"]})
-    theirs = h.measure("trl", f"sft-{model}", {**job, "data": inputs["sft_trl"]})
+    ours = h.measure("instrugo", f"sft-{model}", {**job, "data": inputs["sft"]}, s.train_repeats)
+    theirs = h.measure("trl", f"sft-{model}", {**job, "data": inputs["sft_trl"]}, s.train_repeats)
     flops = train_flops(inputs["flop_parameters"]["policy"], med(ours, "tokens") or 0)
     bench = f"SFT {model} ({s.sft_examples} examples, batch {s.sft_batch})"
     return [Row(bench, "tokens/s", med(ours, "tokens_per_second"), med(theirs, "tokens_per_second"), goal="≥ 1",
@@ -274,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in dict.fromkeys(settings.ppo_models + settings.models):
         prepared = harness.measure("instrugo", f"prepare-{model}", {
             "kind": "prepare", "model": model, "dir": str(workdir / f"inputs-{model}"), "seed": settings.seed,
-            "sft_examples": settings.sft_examples, "ppo_prompts": settings.ppo_prompts, "rm_k": settings.rm_k,
-            "rm_prompts": settings.rm_prompts, "heldout_fraction": settings.heldout_fraction}, repeats=1)
+            "sft_examples": settings.sft_examples, "ppo_prompts": settings.ppo_prompts, "rm_prompts": settings.rm_prompts, "heldout_fraction": settings.heldout_fraction}, repeats=1)
         if not prepared:
             continue
         inputs = prepared[0]
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_rm(harness, model, inputs, precision, ceiling)
             rows += bench_sft(harness, model, inputs, precision, ceiling)
 
-    header = (f"mode {args.mode}, {settings.repeats} repeat(s), precision {precision} on both sides; "
+    header = (f"mode {args.mode}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
+              f"SFT and RM epochs, precision {precision} on both sides; "
               f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
               + ("" if trl_python else f"; TRL unavailable: {trl_missing}"))

@@ -70,3 +70,22 @@ def test_killed_sft_resumes_to_the_same_weights(tmp_path, kill_at_step):
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_with_other_settings_is_refused_naming_the_field(tmp_path, kill_at_step):
+    import dataclasses
+
+    from instrugo.runio import InputError
+
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    config = tiny_config(tmp_path / "b", data)
+    kill_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config)
+    kill_at_step.heal()
+    with pytest.raises(InputError, match="lr=") as error:
+        run_sft(dataclasses.replace(config, lr=config.lr * 2))
+    assert "sft_config.json" in str(error.value) and "lr" in str(error.value)
+    assert (tmp_path / "b" / "sft" / "checkpoint").exists()  # nothing was overwritten
+    resumed = run_sft(dataclasses.replace(config, save_every=1))  # a bookkeeping setting may change
+    assert runio.is_complete(resumed)

@@ -32,7 +32,7 @@ import numpy as np
 
 from instrugo.comparisons import ComparisonTask, read_tasks, task_rows
 from instrugo.config import option, require
-from instrugo.runio import atomic_write_jsonl
+from instrugo.runio import atomic_write_jsonl, format_percent
 
 Ranking = list[list[int]]  # response indices, best tie group first (the comparison-task format)
 # gold_judge(example, response) -> GoldVerdict; replaceable so tests can hand-make the judgements.
@@ -258,10 +258,7 @@ def run_simulate(config: SimulateConfig) -> dict:
     pool_config = LabelerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LabelerConfig)})
     report = simulate_command(config.tasks, config.out, pool_config)
     print(f"label: ranked {report['tasks']} tasks into {config.out}; pairwise agreement with the noise-free gold "
-          f"judge {_percent(report['gold_agreement'])}, between annotators {_percent(report['inter_annotator_agreement'])} "
+          f"judge {format_percent(report['gold_agreement'])}, between annotators {format_percent(report['inter_annotator_agreement'])} "
           f"(people: ~66-73%)")
     return report
 
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
 from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
-from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete
+from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
 @dataclass
@@ -74,7 +74,6 @@ class PPOConfig:
     value_clip_range: float = option(0.2, "Value clip.")
     whiten_rewards: bool = option(False, "Whiten rewards before GAE (N+ final runs: off).")
     temperature: float = option(1.0, "Rollout sampling temperature (InstructGPT: 1).")
-    top_p: float = option(1.0, "Rollout nucleus threshold.")
     max_new_tokens: int = option(96, "Response length limit in tokens.")
     no_eos_score: float = option(-1.0, "RM score given to responses without EOS (N details: -1).")
     ptx_coef: float = option(0.0, "PPO-ptx: pretraining gradient coefficient γ (InstructGPT: 27.8; 0 = plain PPO).")
@@ -93,6 +92,9 @@ class PPOConfig:
     }
 
     def validate(self) -> None:
+        for name in ("total_episodes", "episodes_per_batch", "minibatches", "micro_batch_size", "ppo_epochs",
+                     "max_new_tokens", "rollout_batch_size", "save_every"):
+            require(getattr(self, name) > 0, name, "must be positive")
         per_minibatch = self.episodes_per_batch / max(1, self.minibatches)
         require(self.episodes_per_batch % self.minibatches == 0, "minibatches",
                 f"must divide episodes_per_batch ({self.episodes_per_batch})")
@@ -222,6 +224,8 @@ def run_ppo(config: PPOConfig) -> Path:
     precision = models.choose_precision(config.precision)
     accelerator = training.make_accelerator(precision)
     world, rank = accelerator.num_processes, accelerator.process_index
+    require(config.episodes_per_batch % (world * config.minibatches) == 0, "episodes_per_batch",
+            f"must split evenly into {world} processes x {config.minibatches} minibatches")
     training.seed_everything(config.seed, rank)
 
     # Four models: the policy and the value network train; the reference and the reward model are frozen.
@@ -259,11 +263,11 @@ def run_ppo(config: PPOConfig) -> Path:
         ptx_stream = ptx_batches(texts, tokenizer, max(1, round(config.micro_batch_size * config.ptx_ratio)),
                                  config.ptx_max_length, config.seed + rank)
 
+    training.record_settings(out, "ppo", to_dict(config), accelerator.is_main_process)
     state = training.load_checkpoint(accelerator, out) or {"iteration": 0, "kl_coef": config.kl_coef}
     start = state["iteration"]
     kl_control.value = state["kl_coef"]
     if accelerator.is_main_process:
-        atomic_write_json(out / "ppo_config.json", to_dict(config))
         minibatch = config.episodes_per_batch // config.minibatches
         print(f"ppo: {iterations} iterations x {config.episodes_per_batch} episodes = {iterations * config.episodes_per_batch} "
               f"episodes; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
@@ -274,7 +278,8 @@ def run_ppo(config: PPOConfig) -> Path:
               + f"; {world} processes; precision {models.describe_precision(precision)}"
               + (f"; resuming at iteration {start}" if start else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start or None, enabled=accelerator.is_main_process)
-    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.rollout_batch_size)
+    # No nucleus cut: log-probs are recomputed from the full softmax, so truncated rollouts would be off-policy.
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature, 1.0, config.rollout_batch_size)
 
     bar = tqdm(total=iterations, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for iteration in range(start, iterations):

@@ -32,7 +32,7 @@ from instrugo import losses, models, training
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.config import option, require, to_dict
 from instrugo.generation import chat_prompt
-from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete, update_json
+from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete, update_json, format_percent
 from instrugo.sft import epoch_order
 
 
@@ -240,11 +240,11 @@ def run_reward(config: RewardConfig) -> Path:
     scheduler = training.cosine_schedule(optimizer, total_steps, 0, config.lr_final_fraction)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    training.record_settings(out, "rm", to_dict(config), accelerator.is_main_process)
     state = training.load_checkpoint(accelerator, out) or {"step": 0}
     start_step = state["step"]
     n_comparisons = sum(len(t.pairs()) for t in tasks)
     if accelerator.is_main_process:
-        atomic_write_json(out / "rm_config.json", to_dict(config))
         ks = sorted({len(t.responses) for t in train})
         print(f"rm: {len(tasks)} ranked prompts ({n_comparisons} comparisons, K in {ks}); {len(train)} train "
               f"{'pairs' if config.expand_pairs else 'prompts'}, {len(heldout)} held out; {total_steps} steps of "
@@ -308,11 +308,8 @@ def run_reward(config: RewardConfig) -> Path:
                     {"reward_model": summary})
         mark_complete(out, {"stage": "rm", **summary})
         training.remove_checkpoint(out)
-        print(f"rm: held-out accuracy {_pct(result['heldout_accuracy_vs_labels'])} vs labels, "
-              f"{_pct(result['heldout_accuracy_vs_gold'])} vs gold; demonstrations normalised with bias "
+        print(f"rm: held-out accuracy {format_percent(result['heldout_accuracy_vs_labels'])} vs labels, "
+              f"{format_percent(result['heldout_accuracy_vs_gold'])} vs gold; demonstrations normalised with bias "
               f"{bias:+.3f}; model written to {out}")
     return out
 
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"

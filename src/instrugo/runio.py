@@ -183,3 +183,8 @@ def update_json(path: str | os.PathLike, update: dict) -> dict:
     merge(current, update)
     atomic_write_json(path, current)
     return current
+
+
+def format_percent(value: float | None) -> str:
+    """0.654 -> '65.4%'; None (nothing to measure) -> 'n/a'."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"

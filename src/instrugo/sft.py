@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
 from instrugo.generation import chat_prompt
-from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete
+from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
 @dataclass
@@ -145,10 +145,10 @@ def run_sft(config: SFTConfig) -> Path:
     scheduler = training.cosine_schedule(optimizer, total_steps, config.warmup_steps, config.lr_final_fraction)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    training.record_settings(out, "sft", to_dict(config), accelerator.is_main_process)
     state = training.load_checkpoint(accelerator, out) or {"step": 0}
     start_step = state["step"]
     if accelerator.is_main_process:
-        atomic_write_json(out / "sft_config.json", to_dict(config))
         total, trainable = training.count_parameters(model)
         per_process = config.batch_size // world
         print(f"sft: {len(examples)} examples ({skipped} skipped: prompt too long), {config.epochs:g} epochs "

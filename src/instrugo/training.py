@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from instrugo.runio import atomic_directory, atomic_write_json, read_json
+from instrugo.runio import InputError, atomic_directory, atomic_write_json, read_json
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -77,6 +77,25 @@ def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, An
         finally:
             tied_weights_warning.setLevel(level)
     accelerator.wait_for_everyone()
+
+
+# Settings that may change between a killed run and its resumption without changing what it computes.
+RESUME_MAY_CHANGE = {"save_every", "precision", "out", "eval_json"}
+
+
+def record_settings(out_dir: str | os.PathLike, stage: str, settings: dict[str, Any], write: bool) -> None:
+    """Write `<stage>_config.json` into the run directory. When a checkpoint is there, the run resumes it,
+    which is only sound with the same settings: a changed one stops with the field named."""
+    path = Path(out_dir) / f"{stage}_config.json"
+    resuming = any((Path(out_dir) / name / TRAINER_STATE).exists() for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"))
+    if resuming and path.exists():
+        before = read_json(path)
+        for key, value in settings.items():
+            if key not in RESUME_MAY_CHANGE and key in before and before[key] != value:
+                raise InputError(path, f"the checkpoint here was trained with {key}={before[key]!r}, not {value!r}; "
+                                 "resume with the same settings or choose another --out", field=key)
+    if write:
+        atomic_write_json(path, settings)
 
 
 def load_checkpoint(accelerator, out_dir: str | os.PathLike) -> dict[str, Any] | None:
