@@ -125,3 +125,30 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path,
     with pytest.raises(SystemExit, match="non-finite loss at iteration 2"):
         run_ppo(tiny_ppo_config(tmp_path, rm, ptx_coef=0.0, ema_decay=0.0))
     assert (tmp_path / "ppo" / "checkpoint" / "trainer_state.json").exists()
+
+
+def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkeypatch):
+    """With LoRA, two models are built, not four: the reference is the policy with its adapter off and the
+    reward model the value network with its adapter off. At the start the adapters are zero, so the first
+    rollouts have exactly zero KL; after training the merged policy differs from SFT and loads plainly."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from instrugo import models, runio
+    from instrugo.ppo import run_ppo
+
+    rm = tiny_reward_model(tmp_path)
+    built = []
+    for name in ("load_causal_lm", "load_scalar_model"):
+        original = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, _original=original, _name=name, **k: built.append(_name) or _original(*a, **k))
+    out = run_ppo(tiny_ppo_config(tmp_path, rm, lora_rank=4, ptx_coef=0.0, ema_decay=0.0, lr=1e-2, value_lr=1e-2))
+    assert sorted(built) == ["load_causal_lm", "load_scalar_model"]
+
+    rows = runio.read_metrics(out / "metrics.jsonl")
+    assert abs(rows[0]["kl"]) < 1e-5 and abs(rows[-1]["kl"]) > 1e-4
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    sft = AutoModelForCausalLM.from_pretrained(models.resolve_model("tiny"))
+    assert not any(n.startswith("base_model") or "lora" in n for n in policy.state_dict())
+    assert any(not torch.equal(policy.state_dict()[n], p) for n, p in sft.state_dict().items())
+    value = AutoModelForSequenceClassification.from_pretrained(out / "value")
+    assert value.config.num_labels == 1 and not any("lora" in n for n in value.state_dict())

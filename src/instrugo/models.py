@@ -188,12 +188,14 @@ def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | Non
     return model
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None):
-    """Wrap `model` with a LoRA adapter (peft); only the adapter weights train."""
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, full_modules: list[str] | None = None):
+    """Wrap `model` with a LoRA adapter (peft) on every linear layer; only the adapter weights train,
+    plus a trainable copy of each module in `full_modules` (e.g. a value head). With the adapter
+    disabled (`model.disable_adapter()`), the wrapped model is the original, frozen one."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=target_modules or "all-linear")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules="all-linear",
+                        exclude_modules=full_modules, modules_to_save=full_modules)
     return get_peft_model(model, config)
 
 

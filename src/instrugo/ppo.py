@@ -50,6 +50,10 @@ class PPOConfig:
     reference: str = option("", "Frozen reference for the KL penalty (default: the initial policy).")
     reward_model: str = option("runs/rm", "Reward model directory (reads text; any tokenizer).")
     value_model: str = option("", "Value network init (default: the reward model; must share the policy's tokenizer).")
+    lora_rank: int = option(0, "Train LoRA adapters (policy; value network plus its head) instead of all weights: "
+                               "the reference is the policy with its adapter off, and the reward model the value "
+                               "network with its adapter off when they start from the same model (0 = full).")
+    lora_alpha: float = option(32.0, "LoRA α.")
     prompts: str = option("instrugo:ppo", "Prompts: an InstruGo split or a JSONL file.")
     out: str = option("runs/ppo", "Output directory.")
     total_episodes: int = option(1024, "Episodes in the whole run (InstructGPT: 256k).")
@@ -147,6 +151,11 @@ def policy_logprobs(model, inputs: dict[str, torch.Tensor], response: torch.Tens
     return (logprobs, logits) if with_entropy else logprobs
 
 
+def adapter_off(model, shared: bool):
+    """A frozen model that is a trained LoRA model with its adapter switched off (or itself when not shared)."""
+    return model.disable_adapter() if shared else contextlib.nullcontext()
+
+
 class TokenValueModel(torch.nn.Module):
     """A sequence-classification model (the reward model) read at every position: V(s_t) per token.
 
@@ -158,12 +167,14 @@ class TokenValueModel(torch.nn.Module):
         self.classifier = classifier
 
     def forward(self, input_ids, attention_mask, position_ids, response_width: int) -> torch.Tensor:
-        hidden = self.classifier.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids).last_hidden_state
+        # Under LoRA the classifier is a peft wrapper; its model holds the (adapted) backbone and head.
+        model = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state
         states = hidden[:, -(response_width + 1):-1]  # the state before each response token
         # Start from the reward model's normalised scale: its bias makes demonstrations score 0.
-        bias = float(getattr(self.classifier.config, "reward_bias", 0.0))
-        return self.classifier.score(states).squeeze(-1).float() + bias
+        bias = float(getattr(model.config, "reward_bias", 0.0))
+        return model.score(states).squeeze(-1).float() + bias
 
 
 class EMA:
@@ -229,17 +240,28 @@ def run_ppo(config: PPOConfig) -> Path:
     training.seed_everything(config.seed, rank)
 
     # Four models: the policy and the value network train; the reference and the reward model are frozen.
+    # With LoRA, the frozen two are the trained two with their adapters switched off: half the weights.
     tokenizer = models.load_tokenizer(config.policy)
     policy = models.load_causal_lm(config.policy, tokenizer)
-    reference = models.load_causal_lm(config.reference or config.policy, tokenizer).eval().requires_grad_(False)
-    reward_model, reward_tokenizer = load_reward_model(models.resolve_model(config.reward_model))
-    reward_model.requires_grad_(False)
-    reference.to(accelerator.device), reward_model.to(accelerator.device)
     value_path = models.resolve_model(config.value_model or config.reward_model)
     if models.load_tokenizer(value_path).get_vocab() != tokenizer.get_vocab():
         raise InputError(value_path, "the value model must share the policy's tokenizer (it scores every policy "
                          "token); pass --value-model with a model of the policy's family", field="value_model")
-    value = TokenValueModel(models.load_scalar_model(value_path, tokenizer))
+    value_classifier = models.load_scalar_model(value_path, tokenizer)
+    if config.lora_rank:
+        policy = models.apply_lora(policy, config.lora_rank, config.lora_alpha)
+        value_classifier = models.apply_lora(value_classifier, config.lora_rank, config.lora_alpha, full_modules=["score"])
+    share_reference = bool(config.lora_rank) and not config.reference
+    reference = policy if share_reference else models.load_causal_lm(config.reference or config.policy, tokenizer)
+    if config.lora_rank and value_path == models.resolve_model(config.reward_model):
+        reward_model, reward_tokenizer = value_classifier, tokenizer
+    else:
+        reward_model, reward_tokenizer = load_reward_model(models.resolve_model(config.reward_model))
+    if reward_model is not value_classifier:
+        reward_model.eval().requires_grad_(False).to(accelerator.device)
+    if reference is not policy:
+        reference.eval().requires_grad_(False).to(accelerator.device)
+    value = TokenValueModel(value_classifier)
 
     iterations = config.total_episodes // config.episodes_per_batch
     policy_optimizer = training.adamw(policy.parameters(), config.lr, (0.9, 0.95), config.adam_eps)
@@ -305,9 +327,10 @@ def run_ppo(config: PPOConfig) -> Path:
         device = accelerator.device
         query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
         with torch.no_grad(), accelerator.autocast():
-            rm_scores = torch.tensor(score_texts(reward_model, reward_tokenizer, [r["messages"] for r in batch_records],
-                                                 [s.text for s in samples], precision, batch_size=config.micro_batch_size),
-                                     device=device)
+            with adapter_off(reward_model, reward_model is value_classifier):
+                rm_scores = torch.tensor(score_texts(reward_model, reward_tokenizer, [r["messages"] for r in batch_records],
+                                                     [s.text for s in samples], precision, batch_size=config.micro_batch_size),
+                                         device=device)
             has_eos = torch.tensor([s.has_eos for s in samples], device=device)
             scores = losses.no_eos_penalty(rm_scores, has_eos, config.no_eos_score)
             logprobs, ref_logprobs, values = [], [], []
@@ -315,7 +338,8 @@ def run_ppo(config: PPOConfig) -> Path:
                 sl = slice(mb, mb + config.micro_batch_size)
                 inputs = sequence_inputs(query[sl], query_mask[sl], response[sl], response_mask[sl])
                 logprobs.append(policy_logprobs(policy, inputs, response[sl], config.temperature))
-                ref_logprobs.append(policy_logprobs(reference, inputs, response[sl], config.temperature))
+                with adapter_off(reference, share_reference):
+                    ref_logprobs.append(policy_logprobs(reference, inputs, response[sl], config.temperature))
                 values.append(value(**inputs, response_width=response.shape[1]))
         rollout = Rollout(query, query_mask, response, response_mask, torch.cat(logprobs), torch.cat(ref_logprobs),
                           torch.cat(values), scores)
@@ -421,12 +445,12 @@ def run_ppo(config: PPOConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_policy = accelerator.unwrap_model(policy)
-        training.save_pretrained_files(final_policy, tokenizer, out)
-        training.save_pretrained_files(accelerator.unwrap_model(value).classifier, tokenizer, out / "value")
-        if ema is not None:
+        if ema is not None:  # before the policy is saved: saving merges (and so removes) a LoRA adapter
             ema_policy = copy.deepcopy(final_policy)
             ema_policy.load_state_dict(ema.shadow)
             training.save_pretrained_files(ema_policy, tokenizer, out / "ema")
+        training.save_pretrained_files(final_policy, tokenizer, out)
+        training.save_pretrained_files(accelerator.unwrap_model(value).classifier, tokenizer, out / "value")
         mark_complete(out, {"stage": "ppo", "iterations": iterations, "episodes": iterations * config.episodes_per_batch,
                             "ptx_coef": config.ptx_coef, "ema": bool(ema)})
         training.remove_checkpoint(out)

@@ -231,9 +231,7 @@ def run_reward(config: RewardConfig) -> Path:
     tokenizer = models.load_tokenizer(config.model)
     model = init_reward_model(config.model, tokenizer, config.seed)
     if config.lora_rank:
-        model = models.apply_lora(model, config.lora_rank, config.lora_alpha)
-        for parameter in model.base_model.model.score.parameters():
-            parameter.requires_grad = True
+        model = models.apply_lora(model, config.lora_rank, config.lora_alpha, full_modules=["score"])
     optimizer = training.adamw(model.parameters(), config.lr, (0.9, 0.95), config.adam_eps)
     steps_per_epoch = math.ceil(len(train) / config.prompts_per_batch)
     total_steps = max(1, round(steps_per_epoch * config.epochs))
