@@ -200,7 +200,7 @@ def job_ppo(job: dict) -> dict:
                        total_episodes=batch * (job["updates"] + 1), episodes_per_batch=batch, minibatches=1,
                        micro_batch_size=batch, ppo_epochs=job["ppo_epochs"], warmup_iterations=0,
                        max_new_tokens=job["response_length"], rollout_batch_size=batch, gold_judge=False,
-                       precision=job["precision"], save_every=10**9, seed=job["seed"])
+                       precision=job["precision"], save_every=10**9, seed=job["seed"], lora_rank=job.get("lora_rank", 0))
     run_ppo(config)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")[1:]
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

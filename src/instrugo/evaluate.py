@@ -79,25 +79,28 @@ def load_prompts(split: str, max_prompts: int) -> list[dict]:
     return records[:max_prompts] if max_prompts else records
 
 
-def win_rate(scores: list[float], reference: list[float]) -> float:
-    """Share of prompts where `scores` beats `reference`; ties count half."""
-    if not scores:
-        return float("nan")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, reference))
-    return wins / len(scores)
+def win_rate(scores: list[float | None], reference: list[float | None]) -> float | None:
+    """Share of prompts where `scores` beats `reference`; ties count half. Prompts the gold judge cannot
+    score (no constraints: a user's own prompts) are left out; None when none is left."""
+    pairs = [(a, b) for a, b in zip(scores, reference) if a is not None and b is not None]
+    if not pairs:
+        return None
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
 def summarize(rows: list[dict]) -> dict:
     """Aggregate judged generations of one policy on one split."""
     n = len(rows)
+    judged = [r for r in rows if r["gold_score"] is not None]  # prompts with constraints
     by_kind: dict[str, list[bool]] = {}
     for row in rows:
         for constraint, passed in zip(row.get("constraints", []), row["constraint_results"]):
             by_kind.setdefault(constraint["kind"], []).append(passed)
     return {
         "n": n,
-        "constraint_pass_rate": sum(r["all_passed"] for r in rows) / n,
-        "gold_score": sum(r["gold_score"] for r in rows) / n,
+        "n_judged": len(judged),
+        "constraint_pass_rate": sum(r["all_passed"] for r in judged) / len(judged) if judged else None,
+        "gold_score": sum(r["gold_score"] for r in judged) / len(judged) if judged else None,
         "mean_length_tokens": sum(r["n_tokens"] for r in rows) / n,
         "no_eos_rate": sum(not r["has_eos"] for r in rows) / n,
         "pass_rate_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
@@ -179,8 +182,8 @@ def judged_row(key: str, record: dict, sample, gold_judge) -> dict:
         "response_ids": sample.token_ids, "n_tokens": len(sample.token_ids), "has_eos": sample.has_eos,
         "constraints": record.get("constraints", []),
         "constraint_results": verdict.constraint_results if verdict else [],
-        "all_passed": verdict.all_passed if verdict else False,
-        "gold_score": verdict.score if verdict else 0.0,
+        "all_passed": verdict.all_passed if verdict else None,  # None: nothing to check
+        "gold_score": verdict.score if verdict else None,
         "reasons": verdict.reasons if verdict else [],
     }
 

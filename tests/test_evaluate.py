@@ -1,0 +1,41 @@
+import math
+
+from instrugo.evaluate import best_of_n_kl, judged_row, summarize, win_rate
+from instrugo.generation import Sample
+
+
+def row(gold, passed, tokens=10, has_eos=True, kinds=()):
+    return {"gold_score": gold, "all_passed": passed, "n_tokens": tokens, "has_eos": has_eos,
+            "constraints": [{"kind": k} for k in kinds], "constraint_results": [passed] * len(kinds)}
+
+
+def test_win_rate_counts_ties_half_and_skips_unjudged_prompts():
+    assert win_rate([0.9, 0.5, 0.1, None], [0.1, 0.5, 0.9, 0.3]) == (1 + 0.5 + 0) / 3
+    assert win_rate([None], [0.2]) is None
+
+
+def test_summary_by_hand_with_a_prompt_the_gold_judge_cannot_score():
+    rows = [row(1.0, True, 10, kinds=("uppercase",)), row(0.5, False, 20, False, kinds=("uppercase", "title")),
+            row(None, None, 30)]
+    summary = summarize(rows)
+    assert summary["n"] == 3 and summary["n_judged"] == 2
+    assert summary["constraint_pass_rate"] == 0.5 and summary["gold_score"] == 0.75
+    assert summary["mean_length_tokens"] == 20 and math.isclose(summary["no_eos_rate"], 1 / 3)
+    assert summary["pass_rate_by_kind"] == {"title": 0.0, "uppercase": 0.5}
+    assert summarize([row(None, None)])["gold_score"] is None
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_one_over_n():
+    assert best_of_n_kl(1) == 0.0
+    assert math.isclose(best_of_n_kl(16), math.log(16) - 15 / 16)
+
+
+def test_judged_row_uses_the_gold_judge_only_when_there_are_constraints():
+    from instrugo.data import load_split
+    from instrugo.judge import gold_judge
+
+    record = load_split("eval")[0]
+    good = judged_row("k", record, Sample(0, "", [2], True), gold_judge)
+    assert good["gold_score"] is not None and good["all_passed"] is False  # an empty answer fails
+    free = judged_row("k", {"prompt": "Tell me a joke."}, Sample(0, "A joke.", [5, 2], True), gold_judge)
+    assert free["gold_score"] is None and free["all_passed"] is None and free["constraint_results"] == []
