@@ -61,6 +61,8 @@ class Settings:
     rm_lr: float = 2e-5
     heldout_fraction: float = 0.1
     generate_rounds: int = 3
+    sample_batch: int = 32            # generation is also measured at the sampling stage's batch and length
+    sample_response_length: int = 128
     matmul_size: int = 2048
     seed: int = 0
 
@@ -69,6 +71,7 @@ MODES = {
     "quick": Settings(models=["tiny"], ppo_models=["tiny"], repeats=1, ppo_response_length=16, ppo_updates=1,
                       ppo_prompts=16, sft_examples=64, sft_batch=8, sft_micro_batch=8, sft_lr=1e-3, max_length=256,
                       rm_prompts={4: 48, 9: 48}, rm_prompts_per_batch=8, rm_lr=1e-3, heldout_fraction=0.25, generate_rounds=2,
+                      sample_batch=16, sample_response_length=32,
                       matmul_size=1024),
     # One repeat: on 2 cores the full mode then takes about half an hour (TRL's K = 9 epoch alone ~7 min).
     # The PPO rows are already means over `ppo_updates` measured updates; pass --repeats 3 for medians.
@@ -182,14 +185,19 @@ def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
 
 
 def bench_generate(h: Harness, model: str, inputs: dict, precision: str) -> list[Row]:
+    """At the PPO rollout's batch and length, and at the sampling/evaluation stages' (where responses of
+    very different lengths share a batch)."""
     s = h.settings
-    job = {"kind": "generate", "model": inputs["model"], "prompts": inputs["ppo"], "batch_size": s.ppo_batch,
-           "response_length": s.ppo_response_length, "rounds": s.generate_rounds, "precision": precision}
-    ours = h.measure("instrugo", f"generate-{model}", {**job, "impl": "instrugo"})
-    plain = h.measure("instrugo", f"plain-generate-{model}", {**job, "impl": "plain"})
-    # The baseline here is plain `model.generate` (what TRL's rollout calls), in the same venv.
-    return [Row(f"generation {model} (batch {s.ppo_batch}; 'TRL' column: plain model.generate)", "tokens/s",
-                med(ours, "tokens_per_second"), med(plain, "tokens_per_second"), goal="≥ 2")]
+    rows = []
+    for batch, length in ((s.ppo_batch, s.ppo_response_length), (s.sample_batch, s.sample_response_length)):
+        job = {"kind": "generate", "model": inputs["model"], "prompts": inputs["ppo"], "batch_size": batch,
+               "response_length": length, "rounds": s.generate_rounds, "precision": precision}
+        ours = h.measure("instrugo", f"generate-{model}-b{batch}", {**job, "impl": "instrugo"})
+        plain = h.measure("instrugo", f"plain-generate-{model}-b{batch}", {**job, "impl": "plain"})
+        # The baseline here is plain `model.generate` (what TRL's rollout calls), in the same venv.
+        rows.append(Row(f"generation {model} (batch {batch}, up to {length} tokens; 'TRL' column: plain model.generate)",
+                        "tokens/s", med(ours, "tokens_per_second"), med(plain, "tokens_per_second"), goal="≥ 2"))
+    return rows
 
 
 def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
