@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from instrugo import models
 
 tok = models.load_tokenizer("default")
-model = models.load_causal_lm("default", tok).train()
+model = models.load_causal_lm("default", tok, max_tokens=95).train()  # the kernel PPO picks
 ids = torch.randint(100, 40000, (8, 95))
 def step():
     with torch.autocast("cpu", dtype=torch.bfloat16):

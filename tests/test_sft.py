@@ -89,3 +89,26 @@ def test_resuming_with_other_settings_is_refused_naming_the_field(tmp_path, kill
     assert (tmp_path / "b" / "sft" / "checkpoint").exists()  # nothing was overwritten
     resumed = run_sft(dataclasses.replace(config, save_every=1))  # a bookkeeping setting may change
     assert runio.is_complete(resumed)
+
+
+def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
+    """SFT pads on the left and runs the LM head only over the responses' columns; the loss must be the
+    one of the plain right-padded batch with logits everywhere."""
+    from instrugo import losses, models
+    from instrugo.sft import collate, response_logits_width
+
+    model = models.load_causal_lm("tiny", tiny_tokenizer, max_tokens=64)
+    examples = [([5, 6, 7, 8, 9, 10], [0, 0, 0, 1, 1, 1]), ([5, 6, 7, 8], [0, 0, 1, 1]),
+                ([1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 0, 0, 1, 1])]
+    right = collate(examples, tiny_tokenizer.pad_token_id)
+    logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+    expected = losses.response_lm_loss(logits.float(), right["input_ids"], right["loss_mask"])
+
+    left = collate(examples, tiny_tokenizer.pad_token_id, "left")
+    width = response_logits_width(left["loss_mask"])
+    assert width == 4  # three response tokens of the first row + the prompt position before them
+    kept = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"],
+                 position_ids=left["position_ids"], logits_to_keep=width).logits
+    assert kept.shape[1] == width
+    loss = losses.response_lm_loss(kept.float(), left["input_ids"][:, -width:], left["loss_mask"][:, -width:])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

@@ -111,19 +111,22 @@ def summarize(rows: list[dict]) -> dict:
 def response_kl(policy, reference, prompt_ids: list[list[int]], response_ids: list[list[int]],
                 precision: str, batch_size: int) -> list[float]:
     """Σ over response tokens of KL(π ‖ π_ref) at each position, one number (nats) per response."""
-    from instrugo.sft import collate
+    from instrugo.sft import collate, response_logits_width
 
     results: list[float] = []
     device = next(policy.parameters()).device
     for start in range(0, len(prompt_ids), batch_size):
         pairs = [(p + r, [0] * len(p) + [1] * len(r))
                  for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])]
-        batch = {k: v.to(device) for k, v in collate(pairs, 0).items()}
+        batch = {k: v.to(device) for k, v in collate(pairs, 0, "left").items()}
+        width = response_logits_width(batch["loss_mask"])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "position_ids": batch["position_ids"], "logits_to_keep": width}
         with models.autocast(precision):
-            logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = policy(**inputs).logits
+            ref_logits = reference(**inputs).logits
         # Position t predicts token t+1: the distributions over response tokens sit one step earlier.
-        mask = batch["loss_mask"][:, 1:]
+        mask = batch["loss_mask"][:, -width + 1:]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         kl = (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -227,7 +230,7 @@ def run_eval(config: EvalConfig) -> dict:
     out = Path(config.out)
     policies = parse_policies(config.policies)
     check_policies_exist(policies)
-    precision = models.choose_precision(config.precision)
+    precision = models.setup_compute(config.precision)
     splits = {split: load_prompts(split, config.max_prompts) for split in config.splits}
     pretrain_texts = []
     if config.pretrain_examples:

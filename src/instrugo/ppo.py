@@ -232,7 +232,7 @@ def run_ppo(config: PPOConfig) -> Path:
     if is_complete(out):
         print(f"ppo: {out} is complete; nothing to do")
         return out
-    precision = models.choose_precision(config.precision)
+    precision = models.setup_compute(config.precision)
     accelerator = training.make_accelerator(precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     require(config.episodes_per_batch % (world * config.minibatches) == 0, "episodes_per_batch",
@@ -242,17 +242,21 @@ def run_ppo(config: PPOConfig) -> Path:
     # Four models: the policy and the value network train; the reference and the reward model are frozen.
     # With LoRA, the frozen two are the trained two with their adapters switched off: half the weights.
     tokenizer = models.load_tokenizer(config.policy)
-    policy = models.load_causal_lm(config.policy, tokenizer)
+    records = load_examples(config.prompts)
+    # The longest sequence the four models will read picks their attention kernel (models.py).
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, [r["messages"] for r in records])) + config.max_new_tokens
+    policy = models.load_causal_lm(config.policy, tokenizer, max_tokens=longest)
     value_path = models.resolve_model(config.value_model or config.reward_model)
     if models.load_tokenizer(value_path).get_vocab() != tokenizer.get_vocab():
         raise InputError(value_path, "the value model must share the policy's tokenizer (it scores every policy "
                          "token); pass --value-model with a model of the policy's family", field="value_model")
-    value_classifier = models.load_scalar_model(value_path, tokenizer)
+    value_classifier = models.load_scalar_model(value_path, tokenizer, max_tokens=longest)
     if config.lora_rank:
         policy = models.apply_lora(policy, config.lora_rank, config.lora_alpha)
         value_classifier = models.apply_lora(value_classifier, config.lora_rank, config.lora_alpha, full_modules=["score"])
     share_reference = bool(config.lora_rank) and not config.reference
-    reference = policy if share_reference else models.load_causal_lm(config.reference or config.policy, tokenizer)
+    reference = (policy if share_reference else
+                 models.load_causal_lm(config.reference or config.policy, tokenizer, max_tokens=longest))
     if config.lora_rank and value_path == models.resolve_model(config.reward_model):
         reward_model, reward_tokenizer = value_classifier, tokenizer
     else:
@@ -278,7 +282,6 @@ def run_ppo(config: PPOConfig) -> Path:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    records = load_examples(config.prompts)
     ptx_stream = None
     if config.ptx_coef:
         texts = [r["text"] for r in load_split("pretrain") if not r.get("heldout")]

@@ -76,9 +76,9 @@ class RewardConfig:
 
 # ------------------------------------------------------------------------------------------ the model
 
-def init_reward_model(backbone: str | Path, tokenizer, seed: int):
+def init_reward_model(backbone: str | Path, tokenizer, seed: int, max_tokens: int | None = None):
     """A causal LM backbone with a fresh scalar head: N(0, 1/sqrt(d_model + 1)) (InstructGPT)."""
-    model = models.load_scalar_model(backbone, tokenizer)
+    model = models.load_scalar_model(backbone, tokenizer, max_tokens)
     head = model.score
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -223,13 +223,13 @@ def run_reward(config: RewardConfig) -> Path:
     train, heldout = split_heldout(tasks, config.heldout_fraction, config.seed)
     if config.expand_pairs:
         train = expand_to_pairs(train)
-    precision = models.choose_precision(config.precision)
+    precision = models.setup_compute(config.precision)
     accelerator = training.make_accelerator(precision)
     world = accelerator.num_processes
     training.seed_everything(config.seed, accelerator.process_index)
 
     tokenizer = models.load_tokenizer(config.model)
-    model = init_reward_model(config.model, tokenizer, config.seed)
+    model = init_reward_model(config.model, tokenizer, config.seed, config.max_length)
     if config.lora_rank:
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha, full_modules=["score"])
     optimizer = training.adamw(model.parameters(), config.lr, (0.9, 0.95), config.adam_eps)

@@ -63,7 +63,7 @@ def run_sample(config: SampleConfig) -> Path:
     records = load_examples(config.prompts)[config.offset:]
     if config.n_prompts:
         records = records[:config.n_prompts]
-    precision = models.choose_precision(config.precision)
+    precision = models.setup_compute(config.precision)
     tokenizer = models.load_tokenizer(config.policy)
     model = models.load_causal_lm(config.policy, tokenizer).eval()
     print(f"sample: {len(records)} prompts x K={config.k} from {config.policy} "

@@ -86,17 +86,32 @@ def tokenize_example(tokenizer, messages: list[dict], response: str, max_length:
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and loss."""
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pad_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a micro-batch; padding is masked out of attention and loss, and position ids skip it.
+
+    Padding on the left ends every row at the right edge, so the responses of a micro-batch share its
+    last columns and the LM head needs to run only there (`response_logits_width`)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     loss_mask = torch.zeros((len(examples), width), dtype=torch.float32)
     for row, (ids, mask) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-        loss_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        columns = slice(width - len(ids), width) if pad_side == "left" else slice(0, len(ids))
+        input_ids[row, columns] = torch.tensor(ids)
+        attention_mask[row, columns] = 1
+        loss_mask[row, columns] = torch.tensor(mask, dtype=torch.float32)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "loss_mask": loss_mask}
+
+
+def response_logits_width(loss_mask: torch.Tensor) -> int:
+    """How many of a left-padded micro-batch's last positions need logits: the longest response, plus
+    the position before it (it predicts the response's first token). The rest of the LM head's work
+    (full-vocabulary logits over every prompt token) would be thrown away by the loss mask."""
+    scored_columns = loss_mask.any(0).nonzero()
+    first = int(scored_columns[0]) if len(scored_columns) else loss_mask.shape[1] - 1
+    return loss_mask.shape[1] - max(0, first - 1)
 
 
 def epoch_order(n_examples: int, epoch: int, seed: int) -> list[int]:
@@ -120,7 +135,7 @@ def run_sft(config: SFTConfig) -> Path:
     if is_complete(out):
         print(f"sft: {out} is complete; nothing to do")
         return out
-    precision = models.choose_precision(config.precision)
+    precision = models.setup_compute(config.precision)
     accelerator = training.make_accelerator(precision)
     world = accelerator.num_processes
     training.seed_everything(config.seed, accelerator.process_index)
@@ -135,7 +150,7 @@ def run_sft(config: SFTConfig) -> Path:
     if not examples:
         raise InputError(config.data, f"no usable examples: every prompt is longer than max_length ({config.max_length})")
 
-    model = models.load_causal_lm(config.model, tokenizer, dropout=config.dropout)
+    model = models.load_causal_lm(config.model, tokenizer, dropout=config.dropout, max_tokens=config.max_length)
     if config.lora_rank:
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha)
     optimizer = training.adamw(model.parameters(), config.lr, (config.adam_beta1, config.adam_beta2),
@@ -171,12 +186,15 @@ def run_sft(config: SFTConfig) -> Path:
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
         for index, micro in enumerate(micro_batches):
-            tensors = {k: v.to(accelerator.device) for k, v in collate(micro, tokenizer.pad_token_id).items()}
+            tensors = {k: v.to(accelerator.device) for k, v in collate(micro, tokenizer.pad_token_id, "left").items()}
+            width = response_logits_width(tensors["loss_mask"])
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-                loss = losses.response_lm_loss(logits.float(), tensors["input_ids"], tensors["loss_mask"])
+                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                               position_ids=tensors["position_ids"], logits_to_keep=width).logits
+                loss = losses.response_lm_loss(logits.float(), tensors["input_ids"][:, -width:],
+                                               tensors["loss_mask"][:, -width:])
                 # Weight by tokens so the step's gradient is the token mean over the whole batch.
                 share = tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
                 accelerator.backward(loss * share)
