@@ -124,3 +124,26 @@ def test_checkpoint_left_only_under_its_old_name_is_still_found(tmp_path):
     with runio.atomic_directory(tmp_path / CHECKPOINT_DIR) as tmp:
         (tmp / "new").write_text("x")
     assert (tmp_path / CHECKPOINT_DIR / "new").exists() and not old.exists()
+
+
+def test_frozen_linears_in_bf16_give_the_same_logits_under_autocast(tiny_tokenizer):
+    """Autocast multiplies by the bf16 cast of an fp32 weight; storing a frozen weight in bf16 must not
+    change a single logit, and must leave trainable weights, embeddings and norms in fp32."""
+    import torch
+
+    from instrugo import models
+
+    model = models.load_causal_lm("tiny", tiny_tokenizer, max_tokens=64).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    with torch.no_grad(), models.autocast("bf16"):
+        expected = model(input_ids=ids).logits.float()
+    model.requires_grad_(False)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # one trainable weight stays fp32
+    changed = models.frozen_linears_to_bf16(model)
+    assert changed > 0
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    with torch.no_grad(), models.autocast("bf16"):
+        assert torch.equal(model(input_ids=ids).logits.float(), expected)

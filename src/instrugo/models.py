@@ -222,6 +222,30 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, full_module
     return get_peft_model(model, config)
 
 
+def frozen_linears_to_bf16(model) -> int:
+    """Store the weights of frozen linear layers in bf16 (for bf16-autocast runs); returns how many
+    parameters changed.
+
+    Autocast casts every matmul's fp32 weight to bf16, and for frozen weights it does so again in every
+    forward pass (it caches only trainable ones). Stored in bf16 they give the same products, take half
+    the memory and cost no cast: the reference and reward models of PPO, and the base of a LoRA model.
+    Trainable weights keep their fp32 master copies; embeddings (often tied to the LM head) and norms stay
+    fp32, so the residual stream is computed as before."""
+    embedding = model.get_input_embeddings().weight
+    changed = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
+                and module.weight is not embedding and module.weight.dtype == torch.float32):
+            module.to(torch.bfloat16)
+            changed += module.weight.numel()
+    # transformers maps the checkpoint file and its fp32 tensors point into it: while any of them does,
+    # the whole file stays mapped (and counted in RSS). Own copies of the rest let it go.
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.dtype == torch.float32:
+            parameter.data = parameter.data.clone()
+    return changed
+
+
 def merge_lora(model):
     """Return a plain model with LoRA weights merged in (for checkpoints plain transformers loads)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

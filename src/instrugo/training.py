@@ -125,7 +125,8 @@ def save_pretrained_files(model, tokenizer, out_dir: str | os.PathLike) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        # A LoRA base stored in bf16 (models.frozen_linears_to_bf16) merges and saves in fp32 like the rest.
+        model = model.float().merge_and_unload()
     with atomic_directory(out_dir / ".model-staging") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
