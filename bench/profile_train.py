@@ -8,30 +8,44 @@ from torch.profiler import ProfilerActivity, profile
 
 from instrugo import models
 
-tok = models.load_tokenizer("default")
-model = models.load_causal_lm("default", tok, max_tokens=95).train()  # the kernel PPO picks
-ids = torch.randint(100, 40000, (8, 95))
-def step():
+ROWS, TOKENS, RESPONSE_LOGITS = 8, 95, 33
+
+models.setup_compute("bf16")
+tokenizer = models.load_tokenizer("default")
+model = models.load_causal_lm("default", tokenizer, max_tokens=TOKENS).train()  # the attention kernel PPO picks
+input_ids = torch.randint(100, 40000, (ROWS, TOKENS))
+
+
+def step() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(input_ids=ids, logits_to_keep=33).logits.float()
+        logits = model(input_ids=input_ids, logits_to_keep=RESPONSE_LOGITS).logits.float()
         loss = torch.log_softmax(logits, -1).mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
-step(); step()
-t = []
-for _ in range(3):
-    s = time.perf_counter(); step(); t.append(time.perf_counter() - s)
-print(f"fwd+bwd {min(t):.3f}s")
-n = sum(p.numel() for n_, p in model.named_parameters() if "embed" not in n_) + model.config.vocab_size * model.config.hidden_size * 33 / 95
-print(f"model GFLOP/s {6 * n * 8 * 95 / min(t) / 1e9:.0f}")
-with profile(activities=[ProfilerActivity.CPU]) as prof:
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: kernel selection, allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+seconds = best_seconds(step, 3)
+# Model FLOPs as in docs/BENCHMARKS.md: 6·N per token, N without the embedding lookup, plus the LM head
+# on the positions whose logits are computed.
+body = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+head = model.config.vocab_size * model.config.hidden_size * RESPONSE_LOGITS / TOKENS
+print(f"forward + backward {seconds:.3f} s, {6 * (body + head) * ROWS * TOKENS / seconds / 1e9:.0f} model GFLOP/s")
+
+with profile(activities=[ProfilerActivity.CPU]) as profiler:
     step()
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
-for shape in ((760, 576, 1536), (760, 576, 576), (760, 1536, 576), (2048, 2048, 2048)):
-    m, k, n_ = shape
-    a = torch.randn(m, k, dtype=torch.bfloat16); b = torch.randn(k, n_, dtype=torch.bfloat16)
-    a @ b
-    s = time.perf_counter()
-    for _ in range(20): a @ b
-    dt = (time.perf_counter() - s) / 20
-    print(shape, f"{2*m*k*n_/dt/1e9:.0f} GFLOP/s bf16")
+print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+for m, k, n in ((ROWS * TOKENS, 576, 1536), (ROWS * TOKENS, 576, 576), (ROWS * TOKENS, 1536, 576), (2048, 2048, 2048)):
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    b = torch.randn(k, n, dtype=torch.bfloat16)
+    print((m, k, n), f"{2 * m * k * n / best_seconds(lambda: a @ b, 20) / 1e9:.0f} GFLOP/s bf16")
