@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from instrugo.models import autocast
+from instrugo.models import autocast, fused_attention
 
 
 @dataclass
@@ -136,7 +136,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
         batch = jobs[start:start + config.batch_size]
         input_ids, attention_mask = left_pad([encoded[i] for i, _ in batch], tokenizer.pad_token_id)
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
-        with autocast(precision):
+        with autocast(precision), fused_attention(model):
             decoded = decode(model, input_ids.to(device), attention_mask.to(device), config.max_new_tokens,
                              0.0 if greedy else config.temperature, config.top_p, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator)

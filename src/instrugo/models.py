@@ -12,6 +12,7 @@ rest of instrugo only ever calls `from_pretrained(dir)`:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -200,7 +201,7 @@ def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | Non
 # matmul-softmax-matmul ("eager") path at the short sequences RLHF stages train on, and faster beyond,
 # where eager's S² attention weights also cost memory. Measured here (SmolLM2-135M, bf16, forward +
 # backward): 95 tokens x 8 rows 0.84 s eager vs 1.45 s SDPA, 320 x 8 3.09 vs 3.93 s, 512 x 4 2.96 vs
-# 3.57 s, 1024 x 2 8.78 vs 4.26 s. Decoding with a KV cache runs at the same speed with either.
+# 3.57 s, 1024 x 2 8.78 vs 4.26 s. Decoding uses SDPA either way (`fused_attention`).
 EAGER_ATTENTION_MAX_TOKENS = 512
 
 
@@ -209,6 +210,21 @@ def attention_implementation(max_tokens: int | None) -> str | None:
     if torch.cuda.is_available() or not max_tokens or max_tokens > EAGER_ATTENTION_MAX_TOKENS:
         return None
     return "eager"
+
+
+@contextlib.contextmanager
+def fused_attention(model):
+    """Run `model` with SDPA inside the block when it was loaded with eager attention. For decoding with a
+    KV cache: eager attention repeats grouped key/value heads (GQA), a copy of the whole cache at every
+    step, which SDPA avoids."""
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("eager")
 
 
 def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, full_modules: list[str] | None = None):
