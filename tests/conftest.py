@@ -38,3 +38,14 @@ def kill_at_step(monkeypatch):
             monkeypatch.setattr(runio.MetricsLog, "log", original)
 
     return Killer()
+
+
+@pytest.fixture
+def saved_dtypes():
+    """The dtypes stored in a model directory's safetensors file, e.g. {"F32"}."""
+    from safetensors import safe_open
+
+    def read(model_dir):
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as saved:
+            return {saved.get_slice(name).get_dtype() for name in saved.keys()}
+    return read

@@ -139,7 +139,8 @@ def test_frozen_linears_in_bf16_give_the_same_logits_under_autocast(tiny_tokeniz
         expected = model(input_ids=ids).logits.float()
     model.requires_grad_(False)
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # one trainable weight stays fp32
-    changed = models.frozen_linears_to_bf16(model)
+    assert models.frozen_linears_to_bf16(model, "fp32") == 0
+    changed = models.frozen_linears_to_bf16(model, "bf16")
     assert changed > 0
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

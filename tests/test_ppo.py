@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path,
     assert (tmp_path / "ppo" / "checkpoint" / "trainer_state.json").exists()
 
 
-def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkeypatch):
+def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkeypatch, saved_dtypes):
     """With LoRA, two models are built, not four: the reference is the policy with its adapter off and the
     reward model the value network with its adapter off. At the start the adapters are zero, so the first
     rollouts have exactly zero KL; after training the merged policy differs from SFT and loads plainly."""
@@ -141,7 +141,8 @@ def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkey
     for name in ("load_causal_lm", "load_scalar_model"):
         original = getattr(models, name)
         monkeypatch.setattr(models, name, lambda *a, _original=original, _name=name, **k: built.append(_name) or _original(*a, **k))
-    out = run_ppo(tiny_ppo_config(tmp_path, rm, lora_rank=4, ptx_coef=0.0, ema_decay=0.0, lr=1e-2, value_lr=1e-2))
+    out = run_ppo(tiny_ppo_config(tmp_path, rm, lora_rank=4, ptx_coef=0.0, ema_decay=0.0, lr=1e-2, value_lr=1e-2,
+                                  precision="bf16"))
     assert sorted(built) == ["load_causal_lm", "load_scalar_model"]
 
     rows = runio.read_metrics(out / "metrics.jsonl")
@@ -149,6 +150,7 @@ def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkey
     policy = AutoModelForCausalLM.from_pretrained(out)
     sft = AutoModelForCausalLM.from_pretrained(models.resolve_model("tiny"))
     assert not any(n.startswith("base_model") or "lora" in n for n in policy.state_dict())
+    assert saved_dtypes(out) == {"F32"}  # a bf16 run keeps the frozen base in bf16; checkpoints are fp32
     assert any(not torch.equal(policy.state_dict()[n], p) for n, p in sft.state_dict().items())
     value = AutoModelForSequenceClassification.from_pretrained(out / "value")
     assert value.config.num_labels == 1 and not any("lora" in n for n in value.state_dict())

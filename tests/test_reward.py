@@ -122,3 +122,14 @@ def test_tiny_reward_model_learns_from_the_simulated_labeler_pool(tmp_path):
     n = summary["heldout_gold_pairs"]
     assert n > 100
     assert summary["heldout_accuracy_vs_gold"] > 0.5 + 4 * 0.5 / math.sqrt(n)
+
+
+def test_lora_reward_model_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, saved_dtypes):
+    data = synthetic_rankings(tmp_path / "ranked.jsonl", n_prompts=32, k=4)
+    config = RewardConfig(model="tiny", comparisons=[str(data)], out=str(tmp_path / "run" / "rm"), epochs=1.0, lr=2e-3,
+                          prompts_per_batch=8, micro_batch_prompts=4, max_length=64, heldout_fraction=0.25,
+                          precision="bf16", lora_rank=4, save_every=100)
+    out = run_reward(config)
+    assert saved_dtypes(out) == {"F32"}
+    model, _ = load_reward_model(out)
+    assert model.config.num_labels == 1 and not any("lora" in n for n in model.state_dict())

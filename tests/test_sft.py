@@ -112,3 +112,12 @@ def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
     assert kept.shape[1] == width
     loss = losses.response_lm_loss(kept.float(), left["input_ids"][:, -width:], left["loss_mask"][:, -width:])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_sft_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, saved_dtypes):
+    """Under bf16 the frozen LoRA base is stored in bf16; the merged model must still learn and save fp32."""
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    out = run_sft(tiny_config(tmp_path, data, lora_rank=4, precision="bf16", lr=3e-2))
+    rows = runio.read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert saved_dtypes(out) == {"F32"}

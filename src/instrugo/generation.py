@@ -45,6 +45,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]]) -> list[list[
     return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+def positions_skipping_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a row's positions do not depend on how long the other rows of
+    its batch are (N details); with right padding they are plain 0, 1, 2, ..."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (input_ids, attention_mask); generation continues at the right edge."""
     width = max(len(s) for s in sequences)
@@ -83,7 +89,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     training. The pad token is never sampled: it is a real vocabulary entry and would read as padding."""
     batch = input_ids.shape[0]
     cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_skipping_padding(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     rows = torch.arange(batch)                       # original row of each row still in the batch

@@ -238,15 +238,17 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, full_module
     return get_peft_model(model, config)
 
 
-def frozen_linears_to_bf16(model) -> int:
-    """Store the weights of frozen linear layers in bf16 (for bf16-autocast runs); returns how many
-    parameters changed.
+def frozen_linears_to_bf16(model, precision: str) -> int:
+    """Store the weights of frozen linear layers in bf16 when `precision` is "bf16" (bf16 autocast);
+    returns how many parameters changed (none for fp32).
 
     Autocast casts every matmul's fp32 weight to bf16, and for frozen weights it does so again in every
     forward pass (it caches only trainable ones). Stored in bf16 they give the same products, take half
     the memory and cost no cast: the reference and reward models of PPO, and the base of a LoRA model.
     Trainable weights keep their fp32 master copies; embeddings (often tied to the LM head) and norms stay
     fp32, so the residual stream is computed as before."""
+    if precision != "bf16":
+        return 0
     embedding = model.get_input_embeddings().weight
     changed = 0
     for module in model.modules():
@@ -263,8 +265,9 @@ def frozen_linears_to_bf16(model) -> int:
 
 
 def merge_lora(model):
-    """Return a plain model with LoRA weights merged in (for checkpoints plain transformers loads)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """Return a plain model with LoRA weights merged in (for checkpoints plain transformers loads). A base
+    stored in bf16 (`frozen_linears_to_bf16`) is merged and returned in fp32, like every checkpoint."""
+    return model.float().merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,23 +307,22 @@ def setup_compute(requested_precision: str = "auto") -> str:
     return "bf16" if bf16_speedup() >= 1.3 else "fp32"
 
 
-@functools.lru_cache(maxsize=None)
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel (a
+    no-op where libc is not glibc; setting it again is harmless).
 
     A training step frees and re-allocates gigabytes of tensors. By default glibc returns large blocks
     at once (munmap, trim), so the next step faults in and zeroes fresh pages: four PPO updates of the
     default model took 4.9M page faults, 2.5M with these settings, and ~15% less training time
-    (docs/BENCHMARKS.md). Peak memory is unchanged. Returns False where libc is not glibc."""
+    (docs/BENCHMARKS.md). The price is fragmentation: the LoRA PPO job's peak RSS rose by ~0.6 GiB."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return all((mallopt(m_mmap_threshold, 32 * 2**20),  # glibc's largest: blocks up to 32 MiB come from the heap
-                mallopt(m_trim_threshold, 2**31 - 1),   # never trim the heap's top
-                mallopt(m_top_pad, 256 * 2**20)))       # grow it in 256 MiB steps
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest: blocks up to 32 MiB come from the heap
+    mallopt(m_trim_threshold, 2**31 - 1)   # never trim the heap's top
+    mallopt(m_top_pad, 256 * 2**20)        # grow it in 256 MiB steps
 
 
 def autocast(precision: str):

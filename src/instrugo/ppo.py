@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
-from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
+from instrugo.generation import SamplingConfig, encode_prompts, left_pad, positions_skipping_padding, sample_responses
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
@@ -133,12 +133,10 @@ class Rollout:
 
 def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
                     response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """[left-padded prompt | right-padded response] with position ids that skip the left padding, so a
-    row's positions do not depend on how long the other prompts in its batch are (N details)."""
+    """[left-padded prompt | right-padded response] with position ids that skip the left padding."""
     input_ids = torch.cat([query, response], dim=1)
     attention_mask = torch.cat([query_mask, (response_mask > 0).long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions_skipping_padding(attention_mask)}
 
 
 def policy_logprobs(model, inputs: dict[str, torch.Tensor], response: torch.Tensor, temperature: float,
@@ -243,8 +241,9 @@ def run_ppo(config: PPOConfig) -> Path:
     # With LoRA, the frozen two are the trained two with their adapters switched off: half the weights.
     tokenizer = models.load_tokenizer(config.policy)
     records = load_examples(config.prompts)
+    prompt_ids = encode_prompts(tokenizer, [r["messages"] for r in records])
     # The longest sequence the four models will read picks their attention kernel (models.py).
-    longest = max(len(ids) for ids in encode_prompts(tokenizer, [r["messages"] for r in records])) + config.max_new_tokens
+    longest = max(len(ids) for ids in prompt_ids) + config.max_new_tokens
     policy = models.load_causal_lm(config.policy, tokenizer, max_tokens=longest)
     value_path = models.resolve_model(config.value_model or config.reward_model)
     if models.load_tokenizer(value_path).get_vocab() != tokenizer.get_vocab():
@@ -265,9 +264,8 @@ def run_ppo(config: PPOConfig) -> Path:
         reward_model.eval().requires_grad_(False).to(accelerator.device)
     if reference is not policy:
         reference.eval().requires_grad_(False).to(accelerator.device)
-    if precision == "bf16":  # frozen weights in bf16: same products under autocast, half the memory
-        for model in {id(m): m for m in (policy, value_classifier, reference, reward_model)}.values():
-            models.frozen_linears_to_bf16(model)
+    for model in {id(m): m for m in (policy, value_classifier, reference, reward_model)}.values():
+        models.frozen_linears_to_bf16(model, precision)  # the frozen ones and LoRA bases
     value = TokenValueModel(value_classifier)
 
     iterations = config.total_episodes // config.episodes_per_batch
@@ -316,7 +314,8 @@ def run_ppo(config: PPOConfig) -> Path:
         # Prompts of this iteration: a deterministic slice per process, cycling through the prompt set.
         per_process = config.episodes_per_batch // world
         first = (iteration * config.episodes_per_batch + rank * per_process) % len(records)
-        batch_records = [records[(first + i) % len(records)] for i in range(per_process)]
+        batch_indices = [(first + i) % len(records) for i in range(per_process)]
+        batch_records = [records[i] for i in batch_indices]
 
         # 1. rollout
         unwrapped_policy = accelerator.unwrap_model(policy)
@@ -327,7 +326,7 @@ def run_ppo(config: PPOConfig) -> Path:
         clock = time.perf_counter()
 
         # 2. score: RM on text; policy, reference and value on the policy's tokens
-        query, query_mask = left_pad(encode_prompts(tokenizer, [r["messages"] for r in batch_records]), tokenizer.pad_token_id)
+        query, query_mask = left_pad([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
         response = pad_right([s.token_ids for s in samples], tokenizer.pad_token_id)
         response_mask = pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
         device = accelerator.device

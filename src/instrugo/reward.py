@@ -232,6 +232,7 @@ def run_reward(config: RewardConfig) -> Path:
     model = init_reward_model(config.model, tokenizer, config.seed, config.max_length)
     if config.lora_rank:
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha, full_modules=["score"])
+        models.frozen_linears_to_bf16(model, precision)
     optimizer = training.adamw(model.parameters(), config.lr, (0.9, 0.95), config.adam_eps)
     steps_per_epoch = math.ceil(len(train) / config.prompts_per_batch)
     total_steps = max(1, round(steps_per_epoch * config.epochs))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
-from instrugo.generation import chat_prompt
+from instrugo.generation import chat_prompt, positions_skipping_padding
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
@@ -100,8 +100,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pad_side: 
         input_ids[row, columns] = torch.tensor(ids)
         attention_mask[row, columns] = 1
         loss_mask[row, columns] = torch.tensor(mask, dtype=torch.float32)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions_skipping_padding(attention_mask),
             "loss_mask": loss_mask}
 
 
@@ -153,6 +152,7 @@ def run_sft(config: SFTConfig) -> Path:
     model = models.load_causal_lm(config.model, tokenizer, dropout=config.dropout, max_tokens=config.max_length)
     if config.lora_rank:
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha)
+        models.frozen_linears_to_bf16(model, precision)
     optimizer = training.adamw(model.parameters(), config.lr, (config.adam_beta1, config.adam_beta2),
                                config.adam_eps, config.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)

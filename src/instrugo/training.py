@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from instrugo import models
 from instrugo.runio import InputError, atomic_directory, atomic_write_json, read_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -124,9 +125,7 @@ def save_pretrained_files(model, tokenizer, out_dir: str | os.PathLike) -> None:
     atomically; the stage's completion marker, written after this, says the set is whole."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
-        # A LoRA base stored in bf16 (models.frozen_linears_to_bf16) merges and saves in fp32 like the rest.
-        model = model.float().merge_and_unload()
+    model = models.merge_lora(model)
     with atomic_directory(out_dir / ".model-staging") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
