@@ -199,9 +199,9 @@ def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | Non
 
 # On CPU, PyTorch's fused attention kernel (SDPA, transformers' default) is slower than the plain
 # matmul-softmax-matmul ("eager") path at the short sequences RLHF stages train on, and faster beyond,
-# where eager's S² attention weights also cost memory. Measured here (SmolLM2-135M, bf16, forward +
-# backward): 95 tokens x 8 rows 0.84 s eager vs 1.45 s SDPA, 320 x 8 3.09 vs 3.93 s, 512 x 4 2.96 vs
-# 3.57 s, 1024 x 2 8.78 vs 4.26 s. Decoding uses SDPA either way (`fused_attention`).
+# where eager's S² attention weights also cost memory. `bench/attention.py` on the reference CPU
+# (SmolLM2-135M, bf16, forward + backward): 8 x 95 tokens 1.17 s eager vs 1.22 s SDPA, 8 x 320 2.98 vs
+# 3.36 s, 4 x 512 2.55 vs 3.00 s, 2 x 1024 7.32 vs 3.74 s. Decoding uses SDPA either way (`fused_attention`).
 EAGER_ATTENTION_MAX_TOKENS = 512
 
 
