@@ -123,7 +123,7 @@ def test_preference_noise_is_bradley_terry_in_the_utility_difference():
     # One annotator whose utility is the score; utility gap 0.1 at temperature 0.1 → P(flip) = σ(−1).
     pool = [Annotator("bt", w_constraints=1.0, w_topicality=0.0, w_quality=0.0, temperature=0.1)]
     tasks = make_tasks([[0.6, 0.5]] * 3000)
-    labeled = simulate_labels(tasks, LabelerConfig(flip_probability=0.0), score_judge, pool)
+    labeled = simulate_labels(tasks, LabelerConfig(flip_probability=0.0, temperature_scale=1.0), score_judge, pool)
     rate, _ = disagreement_with_gold(labeled)
     assert rate == pytest.approx(1 / (1 + math.e), abs=0.03)  # standard error ≈ 0.008
 

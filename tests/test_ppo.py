@@ -74,7 +74,7 @@ def tiny_ppo_config(tmp_path, rm, **overrides):
 
     values = dict(policy="tiny", reward_model=str(rm), out=str(tmp_path / "ppo"), total_episodes=24,
                   episodes_per_batch=8, minibatches=2, micro_batch_size=4, max_new_tokens=12, lr=1e-4,
-                  value_lr=1e-4, warmup_iterations=0, ptx_coef=27.8, ptx_ratio=0.5, ptx_max_length=32,
+                  value_lr=1e-4, warmup_iterations=0, value_warmup_iterations=0, ptx_coef=27.8, ptx_ratio=0.5, ptx_max_length=32,
                   ema_decay=0.9, precision="fp32")
     values.update(overrides)
     return PPOConfig(**values)
@@ -104,6 +104,33 @@ def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, k
     AutoModelForCausalLM.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out / "ema")
     assert AutoModelForSequenceClassification.from_pretrained(out / "value").config.num_labels == 1
+
+
+def test_value_warmup_iterations_train_only_the_value_network(tmp_path):
+    from safetensors.torch import load_file
+
+    from instrugo import runio
+    from instrugo.ppo import run_ppo
+
+    rm = tiny_reward_model(tmp_path)
+    out = run_ppo(tiny_ppo_config(tmp_path, rm, value_warmup_iterations=2, ptx_coef=0.0, ema_decay=0.0))
+    rows = runio.read_metrics(out / "metrics.jsonl")  # 3 iterations: 2 value-only, then PPO
+    assert ["policy_loss" in r for r in rows] == [False, False, True]
+    assert all(r["value_loss"] > 0 for r in rows)
+    # Iteration 3's rollouts come from the policy as it left the warm-up: still exactly the reference.
+    assert rows[2]["kl"] == 0.0
+    start_value, value = load_file(rm / "model.safetensors"), load_file(out / "value" / "model.safetensors")
+    assert any(not torch.equal(start_value[name], value[name]) for name in start_value)
+
+
+def test_value_warmup_must_leave_a_policy_iteration():
+    import pytest
+
+    from instrugo.ppo import PPOConfig
+    from instrugo.runio import InputError
+
+    with pytest.raises(InputError, match="value_warmup_iterations"):
+        PPOConfig(total_episodes=64, episodes_per_batch=32, value_warmup_iterations=2).validate()
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):

@@ -96,8 +96,9 @@ def test_tiny_reward_model_learns_rankings_and_is_normalised(tmp_path):
 
 
 def test_tiny_reward_model_learns_from_the_simulated_labeler_pool(tmp_path):
-    """InstruGo demonstrations against degraded answers, ranked by the noisy simulated labelers (25% flips),
-    as `instrugo label simulate` does; the tiny RM must beat chance on held-out prompts."""
+    """InstruGo demonstrations against degraded answers, ranked by the simulated labelers at AlpacaFarm's
+    noise (25% flips, full preference noise: noisier than the default pool); the tiny RM must beat chance
+    on held-out prompts."""
     from instrugo.comparisons import task_rows
     from instrugo.data import load_split
     from instrugo.labelers import LabelerConfig, simulate_labels
@@ -110,7 +111,7 @@ def test_tiny_reward_model_learns_from_the_simulated_labeler_pool(tmp_path):
         responses = [record["response"], " ".join(words[:4]), other, " ".join(words[:3] * 6)]
         if len(set(responses)) == 4:
             tasks.append(ComparisonTask(id=record["id"], prompt=record["prompt"], responses=responses, example=record))
-    labeled = simulate_labels(tasks, LabelerConfig(seed=1))
+    labeled = simulate_labels(tasks, LabelerConfig(flip_probability=0.25, temperature_scale=1.0, seed=1))
     path = tmp_path / "labeled.jsonl"
     runio.atomic_write_jsonl(path, task_rows(labeled))
 

@@ -63,6 +63,9 @@ class PPOConfig:
     ppo_epochs: int = option(1, "Passes over each batch (InstructGPT: 1; N+: 4).")
     lr: float = option(1e-5, "Policy learning rate (InstructGPT swept 2.55e-6..2.55e-5).")
     value_lr: float = option(1e-5, "Value network learning rate.")
+    value_warmup_iterations: int = option(2, "First iterations that train only the value network, the policy "
+                                             "frozen: values start from the reward model's scale, which is not "
+                                             "the returns' (OpenRLHF: freezing_actor_steps).")
     warmup_iterations: int = option(10, "Linear warm-up from lr/10 over this many iterations, then constant.")
     adam_eps: float = option(1e-5, "Adam ε (1e-5: PyTorch's placement makes early updates aggressive).")
     max_grad_norm: float = option(1.0, "Gradient clipping (0 = off).")
@@ -92,7 +95,8 @@ class PPOConfig:
 
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(total_episodes=32, episodes_per_batch=16, minibatches=2, micro_batch_size=8,
-                     max_new_tokens=24, lr=1e-4, value_lr=1e-4, warmup_iterations=0, ptx_ratio=1.0),
+                     max_new_tokens=24, lr=1e-4, value_lr=1e-4, warmup_iterations=0, value_warmup_iterations=0,
+                     ptx_ratio=1.0),
     }
 
     def validate(self) -> None:
@@ -106,6 +110,8 @@ class PPOConfig:
                 "micro_batch_size", f"must divide the minibatch size ({per_minibatch:g} episodes)")
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
         require(self.total_episodes >= self.episodes_per_batch, "total_episodes", "must be >= episodes_per_batch")
+        require(0 <= self.value_warmup_iterations < self.total_episodes // self.episodes_per_batch,
+                "value_warmup_iterations", "must be >= 0 and leave at least one iteration that trains the policy")
         require(self.temperature > 0, "temperature", "must be positive for PPO rollouts")
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
 
@@ -298,7 +304,9 @@ def run_ppo(config: PPOConfig) -> Path:
         print(f"ppo: {iterations} iterations x {config.episodes_per_batch} episodes = {iterations * config.episodes_per_batch} "
               f"episodes; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
               f"episodes (micro-batches of {config.micro_batch_size} -> {max(1, minibatch // config.micro_batch_size)} "
-              f"accumulation steps per optimiser step), {iterations * steps_per_iteration} optimiser steps; "
+              f"accumulation steps per optimiser step), {iterations * steps_per_iteration} optimiser steps"
+              + (f" (the first {config.value_warmup_iterations} iteration(s) train only the value network)"
+                 if config.value_warmup_iterations else "") + "; "
               f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
               f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
               + f"; {world} processes; precision {models.describe_precision(precision)}"
@@ -361,6 +369,7 @@ def run_ppo(config: PPOConfig) -> Path:
         rollout.returns = returns
 
         # 5. PPO epochs over minibatches; micro-batches accumulate into one optimiser step
+        train_policy = iteration >= config.value_warmup_iterations
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
                                                         "value_clipfrac", "entropy", "ptx_loss")}
         minibatch_size = per_process // config.minibatches
@@ -380,16 +389,20 @@ def run_ppo(config: PPOConfig) -> Path:
                         sync.enter_context(accelerator.no_sync(value))
                     with sync, accelerator.autocast():
                         inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
-                        new_logprobs, logits = policy_logprobs(policy, inputs, micro.response, config.temperature, True)
-                        policy_loss, policy_stats = losses.ppo_policy_loss(new_logprobs, micro.logprobs, micro.advantages,
-                                                                          micro.response_mask, config.clip_range)
-                        # Two backward passes: the policy's activations are freed before the value network's exist.
-                        accelerator.backward(policy_loss * share)
+                        if train_policy:
+                            new_logprobs, logits = policy_logprobs(policy, inputs, micro.response, config.temperature, True)
+                            policy_loss, policy_stats = losses.ppo_policy_loss(new_logprobs, micro.logprobs,
+                                                                              micro.advantages, micro.response_mask,
+                                                                              config.clip_range)
+                            # Two backward passes: the policy's activations are freed before the value network's exist.
+                            accelerator.backward(policy_loss * share)
                         new_values = value(**inputs, response_width=micro.response.shape[1])
-                        value_loss, value_clipfrac = losses.ppo_value_loss(new_values, micro.values, micro.returns,
-                                                                           micro.response_mask, config.value_clip_range)
+                        # Warm-up lets the values travel to the returns' scale: clipping would hold them near the start.
+                        value_loss, value_clipfrac = losses.ppo_value_loss(
+                            new_values, micro.values, micro.returns, micro.response_mask,
+                            config.value_clip_range if train_policy else math.inf)
                         accelerator.backward(value_loss * share)
-                        if ptx_stream is not None:
+                        if ptx_stream is not None and train_policy:
                             # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT),
                             # in chunks of micro_batch_size sequences to bound the logits' memory.
                             ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
@@ -400,25 +413,26 @@ def run_ppo(config: PPOConfig) -> Path:
                                 chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
                                 accelerator.backward(config.ptx_coef * ptx_loss * share * chunk_share)
                                 stats["ptx_loss"].append(ptx_loss.item())
-                    with torch.no_grad():
-                        stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
-                    stats["policy_loss"].append(policy_loss.item())
+                    if train_policy:
+                        with torch.no_grad():
+                            stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
+                        stats["policy_loss"].append(policy_loss.item())
+                        stats["clipfrac"].append(float(policy_stats["clipfrac"]))
+                        stats["approx_kl"].append(float(policy_stats["approx_kl"]))
                     stats["value_loss"].append(value_loss.item())
-                    stats["clipfrac"].append(float(policy_stats["clipfrac"]))
-                    stats["approx_kl"].append(float(policy_stats["approx_kl"]))
                     stats["value_clipfrac"].append(float(value_clipfrac))
-                    if not all(math.isfinite(stats[k][-1]) for k in ("policy_loss", "value_loss")):
+                    if not all(math.isfinite(v[-1]) for k, v in stats.items() if k in ("policy_loss", "value_loss") and v):
                         raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} (policy "
-                                         f"{stats['policy_loss'][-1]}, value {stats['value_loss'][-1]}); the last "
+                                         f"{stats['policy_loss'][-1:]}, value {stats['value_loss'][-1]}); the last "
                                          f"checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                    accelerator.clip_grad_norm_(value.parameters(), config.max_grad_norm)
-                for optimizer, schedule in ((policy_optimizer, policy_schedule), (value_optimizer, value_schedule)):
+                trained = ((policy, policy_optimizer, policy_schedule),) if train_policy else ()
+                for model, optimizer, schedule in trained + ((value, value_optimizer, value_schedule),):
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
+                if ema is not None and train_policy:
                     ema.update(accelerator.unwrap_model(policy))
         timings["train"] = time.perf_counter() - clock
 
