@@ -13,6 +13,11 @@ Each iteration (REFERENCE §3–§4):
    pretraining-LM gradient γ_ptx·∇ log π(x) accumulated into the same step;
 6. optionally an EMA of the policy weights (InstructGPT: decay 0.992).
 
+The first `value_warmup_iterations` update only the value network, with an unclipped loss. The reward
+model it starts from was trained on scores at EOS only; read at every token, its values sit far from the
+returns (measured on the demo: +0.5 against −0.7), which makes every EOS look bad after whitening, and a
+clipped value loss corrects that 0.2 per update while the policy learns to ramble (README).
+
     instrugo ppo --policy runs/sft --reward-model runs/rm --out runs/ppo [--ptx-coef 27.8]
 
 Output: `out/` holds the policy (AutoModelForCausalLM), `out/value/` the value model
