@@ -309,8 +309,9 @@ def run_ppo(config: PPOConfig) -> Path:
         print(f"ppo: {iterations} iterations x {config.episodes_per_batch} episodes = {iterations * config.episodes_per_batch} "
               f"episodes; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
               f"episodes (micro-batches of {config.micro_batch_size} -> {max(1, minibatch // config.micro_batch_size)} "
-              f"accumulation steps per optimiser step), {iterations * steps_per_iteration} optimiser steps"
-              + (f" (the first {config.value_warmup_iterations} iteration(s) train only the value network)"
+              f"accumulation steps per optimiser step), "
+              f"{(iterations - config.value_warmup_iterations) * steps_per_iteration} policy optimiser steps"
+              + (f" after {config.value_warmup_iterations} iteration(s) that train only the value network"
                  if config.value_warmup_iterations else "") + "; "
               f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
               f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
