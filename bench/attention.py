@@ -10,20 +10,10 @@ import torch
 from instrugo import generation, models
 from instrugo.data import load_split
 from instrugo.generation import SamplingConfig, sample_responses
+from measure import best_seconds
 
 TRAINING_SHAPES = ((8, 95), (8, 320), (4, 512), (2, 1024))  # (rows, tokens)
 DECODE_PROMPTS, DECODE_TOKENS, ROUNDS = 32, 128, 2
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 models.setup_compute("bf16")
 tokenizer = models.load_tokenizer("default")

@@ -1,4 +1,5 @@
-"""The harness's arithmetic: medians over repeats, ratios against TRL, model FLOPs, and the result table.
+"""The harness's arithmetic: medians over repeats, ratios against TRL, model FLOPs, the result table, and
+the best-of-n timer the stand-alone bench scripts share.
 
 Pure functions only (no torch, no subprocesses), so they are tested on their own (tests/test_bench.py)
 and shared by the harness and both workers.
@@ -15,9 +16,22 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed warm-up call (kernel selection,
+    allocations)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def median(values: Sequence[float | None]) -> float | None:

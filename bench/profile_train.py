@@ -1,12 +1,11 @@
 """Where a training step's time goes: one forward + backward of the default policy on 8 x 95 tokens (the
 PPO benchmark's micro-batch) in bf16 autocast, a torch.profiler table, and bf16 matmul GFLOP/s at the
 model's own matrix shapes.  Usage: .venv/bin/python bench/profile_train.py"""
-import time
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from instrugo import models
+from measure import best_seconds
 
 ROWS, TOKENS, RESPONSE_LOGITS = 8, 95, 33
 
@@ -22,16 +21,6 @@ def step() -> None:
         loss = torch.log_softmax(logits, -1).mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: kernel selection, allocations
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 seconds = best_seconds(step, 3)

@@ -10,8 +10,8 @@ import torch
 
 from instrugo import losses, models
 from instrugo.data import load_examples
-from instrugo.generation import SamplingConfig, left_pad, sample_responses
-from instrugo.ppo import TokenValueModel, encode_prompts, pad_right, sequence_inputs
+from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
+from instrugo.ppo import TokenValueModel, response_tensors, sequence_inputs
 from instrugo.reward import load_reward_model, score_texts
 
 policy_path, rm_path = sys.argv[1], sys.argv[2]
@@ -30,13 +30,12 @@ with torch.no_grad():
     scores = losses.no_eos_penalty(scores, has_eos, -1.0)
     value = TokenValueModel(models.load_scalar_model(rm_path, tokenizer)).eval()
     query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-    response = pad_right([s.token_ids for s in samples], tokenizer.pad_token_id)
-    mask = pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
+    response, mask = response_tensors(samples, tokenizer.pad_token_id)
     with models.autocast(precision):
         values = value(**sequence_inputs(query, query_mask, response, mask), response_width=response.shape[1])
 lengths = mask.sum(1).long()
-rewards = torch.zeros_like(values)
-rewards[torch.arange(len(values)), lengths - 1] = scores
+# The policy is still the reference, so the KL term is 0: the score at the last token is the only reward.
+rewards, _ = losses.kl_penalized_rewards(scores, torch.zeros_like(values), torch.zeros_like(values), mask, 0.0)
 advantages, returns = losses.gae_advantages(rewards, values, mask, 1.0, 0.95)
 advantages = losses.masked_whiten(advantages, mask)
 ended = has_eos.nonzero().squeeze(-1)

@@ -9,8 +9,17 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from measure import (Row, ceiling_fraction, flop_parameters, format_number, markdown_table, median,  # noqa: E402
-                     ppo_phase_flops, ratio, train_flops)
+import measure  # noqa: E402
+from measure import (Row, best_seconds, ceiling_fraction, flop_parameters, format_number,  # noqa: E402
+                     markdown_table, median, ppo_phase_flops, ratio, train_flops)
+
+
+def test_best_seconds_warms_up_once_then_keeps_the_fastest_call(monkeypatch):
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # three timed calls: 3 s, 1 s, 2 s
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert best_seconds(lambda: calls.append(1), 3) == 1.0
+    assert len(calls) == 4
 
 
 def test_median_skips_failed_repeats_and_ratio_needs_both_sides():

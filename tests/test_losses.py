@@ -240,6 +240,10 @@ def test_ppo_value_loss_by_hand():
     # token 0: V_clip = 0.7 → max(1, 1.69); token 1: 1; token 2: V_clip = V → 0.25
     close(loss, 0.5 * (1.69 + 1.0 + 0.25) / 3)
     assert clipfrac == pytest.approx(1 / 3)
+    # Unclipped (value warm-up): token 0 keeps its own error, 1.
+    loss, clipfrac = losses.ppo_value_loss(values, old_values, returns, mask, clip_range=None)
+    close(loss, 0.5 * (1.0 + 1.0 + 0.25) / 3)
+    assert clipfrac == 0.0
 
 
 def test_kl_controllers():

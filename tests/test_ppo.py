@@ -117,6 +117,7 @@ def test_value_warmup_iterations_train_only_the_value_network(tmp_path):
     rows = runio.read_metrics(out / "metrics.jsonl")  # 3 iterations: 2 value-only, then PPO
     assert ["policy_loss" in r for r in rows] == [False, False, True]
     assert all(r["value_loss"] > 0 for r in rows)
+    assert [r["value_clipfrac"] for r in rows[:2]] == [0.0, 0.0]  # the warm-up's value loss is unclipped
     # Iteration 3's rollouts come from the policy as it left the warm-up: still exactly the reference.
     assert rows[2]["kl"] == 0.0
     start_value, value = load_file(rm / "model.safetensors"), load_file(out / "value" / "model.safetensors")

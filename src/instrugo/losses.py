@@ -233,14 +233,17 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip_range: float = 0.2) -> tuple[torch.Tensor, float]:
+                   clip_range: float | None = 0.2) -> tuple[torch.Tensor, float]:
     """Clipped value loss: ½ · masked mean of max((V − R)², (V_clip − R)²), as in lm-human-preferences / N+.
 
-    V_clip = V_old + clip(V − V_old, −ε, ε) keeps one update from moving a value far from the rollout's. Returns (loss, clipfrac = share of tokens where the clipped error is
-    the larger).
+    V_clip = V_old + clip(V − V_old, −ε, ε) keeps one update from moving a value far from the rollout's.
+    `clip_range=None` gives the plain ½ · masked mean of (V − R)² (PPO's value warm-up). Returns (loss,
+    clipfrac = share of tokens where the clipped error is the larger).
     """
-    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     unclipped_error = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * masked_mean(unclipped_error, mask), 0.0
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped_error = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
     with torch.no_grad():

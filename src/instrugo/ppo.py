@@ -214,6 +214,12 @@ def pad_right(rows: list[list[int]], pad: int, width: int | None = None) -> torc
     return out
 
 
+def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses as right-padded token ids [B, R] and a float mask of their tokens (EOS included)."""
+    response = pad_right([s.token_ids for s in samples], pad_id)
+    return response, pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
+
+
 def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
     """Endless shuffled micro-batches of pretraining text for the ptx term. Each text ends with EOS: a
     document's end is part of its likelihood, and texts without one teach the policy never to stop."""
@@ -341,8 +347,7 @@ def run_ppo(config: PPOConfig) -> Path:
 
         # 2. score: RM on text; policy, reference and value on the policy's tokens
         query, query_mask = left_pad([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
-        response = pad_right([s.token_ids for s in samples], tokenizer.pad_token_id)
-        response_mask = pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
+        response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
         device = accelerator.device
         query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
         with torch.no_grad(), accelerator.autocast():
@@ -395,6 +400,7 @@ def run_ppo(config: PPOConfig) -> Path:
                         sync.enter_context(accelerator.no_sync(value))
                     with sync, accelerator.autocast():
                         inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
+                        latest = {}  # this micro-batch's losses, checked for NaN/inf below
                         if train_policy:
                             new_logprobs, logits = policy_logprobs(policy, inputs, micro.response, config.temperature, True)
                             policy_loss, policy_stats = losses.ppo_policy_loss(new_logprobs, micro.logprobs,
@@ -402,35 +408,36 @@ def run_ppo(config: PPOConfig) -> Path:
                                                                               config.clip_range)
                             # Two backward passes: the policy's activations are freed before the value network's exist.
                             accelerator.backward(policy_loss * share)
+                            latest["policy"] = policy_loss.item()
+                            stats["policy_loss"].append(latest["policy"])
+                            stats["clipfrac"].append(float(policy_stats["clipfrac"]))
+                            stats["approx_kl"].append(float(policy_stats["approx_kl"]))
+                            with torch.no_grad():
+                                stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
+                            if ptx_stream is not None:
+                                # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT),
+                                # in chunks of micro_batch_size sequences to bound the logits' memory.
+                                ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
+                                for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
+                                    part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
+                                    ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                                    ptx_loss = losses.response_lm_loss(ptx_logits.float(), part["input_ids"], part["loss_mask"])
+                                    chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
+                                    accelerator.backward(config.ptx_coef * ptx_loss * share * chunk_share)
+                                    stats["ptx_loss"].append(ptx_loss.item())
                         new_values = value(**inputs, response_width=micro.response.shape[1])
                         # Warm-up lets the values travel to the returns' scale: clipping would hold them near the start.
                         value_loss, value_clipfrac = losses.ppo_value_loss(
                             new_values, micro.values, micro.returns, micro.response_mask,
-                            config.value_clip_range if train_policy else math.inf)
+                            config.value_clip_range if train_policy else None)
                         accelerator.backward(value_loss * share)
-                        if ptx_stream is not None and train_policy:
-                            # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT),
-                            # in chunks of micro_batch_size sequences to bound the logits' memory.
-                            ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
-                            for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
-                                part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
-                                ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-                                ptx_loss = losses.response_lm_loss(ptx_logits.float(), part["input_ids"], part["loss_mask"])
-                                chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
-                                accelerator.backward(config.ptx_coef * ptx_loss * share * chunk_share)
-                                stats["ptx_loss"].append(ptx_loss.item())
-                    if train_policy:
-                        with torch.no_grad():
-                            stats["entropy"].append(float(losses.entropy_from_logits(logits.detach(), micro.response_mask)))
-                        stats["policy_loss"].append(policy_loss.item())
-                        stats["clipfrac"].append(float(policy_stats["clipfrac"]))
-                        stats["approx_kl"].append(float(policy_stats["approx_kl"]))
-                    stats["value_loss"].append(value_loss.item())
-                    stats["value_clipfrac"].append(float(value_clipfrac))
-                    if not all(math.isfinite(v[-1]) for k, v in stats.items() if k in ("policy_loss", "value_loss") and v):
-                        raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} (policy "
-                                         f"{stats['policy_loss'][-1:]}, value {stats['value_loss'][-1]}); the last "
-                                         f"checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
+                    latest["value"] = value_loss.item()
+                    stats["value_loss"].append(latest["value"])
+                    stats["value_clipfrac"].append(value_clipfrac)
+                    if not all(math.isfinite(loss) for loss in latest.values()):
+                        raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} ("
+                                         + ", ".join(f"{name} {loss}" for name, loss in latest.items())
+                                         + f"); the last checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
                 trained = ((policy, policy_optimizer, policy_schedule),) if train_policy else ()
                 for model, optimizer, schedule in trained + ((value, value_optimizer, value_schedule),):
                     if config.max_grad_norm:
