@@ -1,19 +1,18 @@
-"""Eager vs SDPA attention on this CPU, the measurement behind `models.attention_implementation` and
-`models.fused_attention`: forward + backward of the default model at the sequence lengths the stages
-train on, and decoding with a KV cache at the sampling stage's batch.
+"""Eager vs SDPA attention on this CPU, the measurement behind `models.attention_implementation`: forward +
+backward of the default model at the sequence lengths the stages train on; and a decode step's parts one
+by one (KV cache, packed linears), the measurement behind `generation.decode`.
 Usage: .venv/bin/python bench/attention.py"""
-import contextlib
 import time
 
 import torch
+from transformers import DynamicCache
 
 from instrugo import generation, models
 from instrugo.data import load_split
-from instrugo.generation import SamplingConfig, sample_responses
 from measure import best_seconds
 
 TRAINING_SHAPES = ((8, 95), (8, 320), (4, 512), (2, 1024))  # (rows, tokens)
-DECODE_PROMPTS, DECODE_TOKENS, ROUNDS = 32, 128, 2
+DECODE_BATCHES, SHORT, LONG, ROUNDS = (8, 32), 8, 72, 2
 
 models.setup_compute("bf16")
 tokenizer = models.load_tokenizer("default")
@@ -38,18 +37,29 @@ for rows, tokens in TRAINING_SHAPES:
         seconds[kernel] = best_seconds(step, 2)
     print(f"  {rows} x {tokens} tokens: eager {seconds['eager']:.2f} s, sdpa {seconds['sdpa']:.2f} s")
 
-model.eval()
-prompts = [r["messages"] for r in load_split("ppo")[:DECODE_PROMPTS]]
-config = SamplingConfig(DECODE_TOKENS, 1.0, 1.0, DECODE_PROMPTS)
-print(f"decoding {DECODE_PROMPTS} ppo prompts x up to {DECODE_TOKENS} tokens, batch {DECODE_PROMPTS} "
-      f"(tokens/s, {ROUNDS} rounds):")
-for label, kernel, switch in (("sdpa", "sdpa", True), ("eager, no switch", "eager", False),
-                              ("eager, switched to sdpa for decoding", "eager", True)):
-    model.set_attn_implementation(kernel)
-    generation.fused_attention = models.fused_attention if switch else (lambda m: contextlib.nullcontext())
-    rates = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        samples = sample_responses(model, tokenizer, prompts, n=1, config=config, precision="bf16", seed=0)
-        rates.append(sum(len(s[0].token_ids) for s in samples) / (time.perf_counter() - start))
-    print(f"  {label}: " + ", ".join(f"{r:.0f}" for r in rates))
+model.eval().requires_grad_(False)
+print(f"decoding ppo prompts with a KV cache, EOS off (marginal ms per step between {SHORT} and {LONG} new tokens, "
+      f"best of {ROUNDS}):")
+prompts = [r["messages"] for r in load_split("ppo")]
+
+
+def dynamic_cache(config, capacity):
+    return DynamicCache(config=config)
+
+
+VARIANTS = (  # (label, cache factory, pack linears)
+    ("concatenating cache (transformers' DynamicCache), F.linear", dynamic_cache, False),
+    ("preallocated cache", generation.preallocated_cache, False),
+    ("... and packed linears (what sampling runs)", generation.preallocated_cache, True),
+)
+for rows in DECODE_BATCHES:
+    ids, mask = generation.left_pad(generation.encode_prompts(tokenizer, prompts[:rows]), tokenizer.pad_token_id)
+    print(f"  batch {rows} (prompt width {ids.shape[1]}):")
+    for label, cache_factory, pack in VARIANTS:
+        generation.preallocated_cache = cache_factory
+        with torch.autocast("cpu", dtype=torch.bfloat16), models.fused_attention(model), \
+                models.packed_linears(model, "bf16" if pack else "fp32"):
+            short, long = (best_seconds(lambda n=n: generation.decode(
+                model, ids, mask, n, 1.0, 1.0, -1, tokenizer.pad_token_id, torch.Generator().manual_seed(0)), ROUNDS)
+                for n in (SHORT, LONG))
+        print(f"    {label}: {(long - short) / (LONG - SHORT) * 1000:.1f} ms/step")

@@ -1,7 +1,8 @@
 import torch
 
-from instrugo.generation import SamplingConfig, decode, left_pad, next_tokens, sample_responses
-from instrugo.models import load_causal_lm
+from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, left_pad, next_tokens,
+                                 positions_skipping_padding, preallocated_cache, sample_responses)
+from instrugo.models import fused_attention, load_causal_lm
 
 EOS, PAD = 2, 0
 
@@ -58,6 +59,50 @@ def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():
     assert next_tokens(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 1.0, torch.Generator()).tolist() == [1]
 
 
+def test_draw_follows_the_weights_and_never_picks_a_zero_weight():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).repeat(8000, 1)
+    drawn = draw(weights, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
+    assert abs((drawn == 3).float().mean().item() - 0.75) < 0.02
+    one_hot = torch.zeros(4, 5)
+    one_hot[torch.arange(4), torch.tensor([0, 4, 2, 0])] = 1.0  # the first and last entries are reachable
+    assert draw(one_hot, torch.Generator().manual_seed(1)).tolist() == [0, 4, 2, 0]
+
+
+def test_preallocated_layer_matches_concatenation_and_keeps_selected_rows():
+    layer = PreallocatedLayer(capacity=6)
+    first, second, third = (torch.randn(3, 2, width, 4) for width in (3, 1, 1))
+    layer.update(first, first + 1)
+    keys, values = layer.update(second, second + 1)
+    assert torch.equal(keys, torch.cat([first, second], dim=2)) and torch.equal(values, keys + 1)
+    assert layer.get_seq_length() == 4
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    keys, _ = layer.update(third[:2], third[:2] + 1)
+    assert torch.equal(keys, torch.cat([torch.cat([first, second], dim=2)[[2, 0]], third[:2]], dim=2))
+
+
+def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_tokenizer, tiny_model_dir):
+    """Prefill, then one cached step (left padding; the tiny model has 4 query heads sharing 2 key/value
+    heads): the step's logits equal a forward pass over the whole sequence."""
+    from instrugo.generation import encode_prompts
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    ids, mask = left_pad(encode_prompts(tiny_tokenizer, ["Name a planet.", "Hi"]), tiny_tokenizer.pad_token_id)
+    next_token = torch.tensor([[500], [600]])
+    full_ids, full_mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = model(input_ids=full_ids, attention_mask=full_mask,
+                         position_ids=positions_skipping_padding(full_mask)).logits[:, -1]
+        with fused_attention(model):
+            cache = preallocated_cache(model.config, ids.shape[1] + 4)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask),
+                  past_key_values=cache, use_cache=True)
+            step = model(input_ids=next_token, attention_mask=full_mask,
+                         position_ids=positions_skipping_padding(full_mask)[:, -1:], past_key_values=cache,
+                         use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_left_pad_aligns_sequences_on_the_right():
     ids, mask = left_pad([[1, 2, 3], [4]], PAD)
     assert ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
@@ -71,8 +116,9 @@ def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     prompts = ["Name a planet.", "Write a very long sentence about rivers, mountains and the sea.", "Hi"]
     ids, mask = left_pad(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
-    ours = decode(model, ids, mask, 12, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id,
-                  torch.Generator())
+    with fused_attention(model):
+        ours = decode(model, ids, mask, 12, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id,
+                      torch.Generator())
     with torch.no_grad():
         reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                    pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
@@ -104,3 +150,20 @@ def test_sampling_is_seeded_and_returns_n_per_prompt(tiny_tokenizer, tiny_model_
         for s in samples:
             assert s.has_eos == (s.token_ids[-1:] == [tiny_tokenizer.eos_token_id])
             assert 0 < len(s.token_ids) <= 8
+
+
+def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokenizer, tiny_model_dir):
+    if not torch.backends.mkldnn.is_available():
+        import pytest
+        pytest.skip("packed_linears is a no-op without oneDNN")
+    from instrugo.models import autocast, packed_linears
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    ids = torch.randint(100, 1000, (3, 9))
+    with torch.no_grad(), autocast("bf16"):
+        expected = model(input_ids=ids).logits
+        with packed_linears(model, "bf16"):
+            assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+            packed = model(input_ids=ids).logits
+    assert not any("forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(packed.float(), expected.float(), atol=1e-3, rtol=1e-3)

@@ -227,6 +227,35 @@ def fused_attention(model):
         model.set_attn_implementation("eager")
 
 
+def _packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed_weight, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model, precision: str):
+    """Inside the block (no-grad inference), every linear layer of `model` runs oneDNN's bf16 matmul on a
+    copy of its weight packed once into the kernel's blocked layout. `F.linear` repacks the weight at every
+    call, which at decoding's few rows is most of the matmul's time: a 576 x 1536 layer at 8 rows took
+    88 us against 38 us packed, at 32 rows 158 against 81 us; the outputs are bit-identical. CPU with
+    bf16 only (elsewhere a no-op); the packed copies (the weights once more, in bf16) live for the block."""
+    if precision != "bf16" or torch.cuda.is_available() or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    patched = []
+    try:
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:  # exactly: wrappers such as LoRA's keep their own forward
+                weight = module.weight.detach().to(torch.bfloat16)
+                bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
+                module.forward = functools.partial(_packed_linear, torch.ops.mkldnn._reorder_linear_weight(weight, 32),
+                                                   bias)
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, full_modules: list[str] | None = None):
     """Wrap `model` with a LoRA adapter (peft) on every linear layer; only the adapter weights train,
     plus a trainable copy of each module in `full_modules` (e.g. a value head). With the adapter
