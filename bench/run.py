@@ -248,6 +248,9 @@ def bench_sft(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
 
 # ------------------------------------------------------------------------------------------------- main
 
+BENCHMARKS = ("ppo", "generation", "rm", "sft")
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="both sides use this; auto = bf16 where the measured bf16 matmul is ≥1.3x fp32")
     parser.add_argument("--no-trl", action="store_true", help="measure instrugo only")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS),
+                        help="run only these benchmarks (the matmul ceiling is always measured)")
     parser.add_argument("--out", help="write every raw result and the table to this JSON file")
     parser.add_argument("--keep", help="keep run directories and job logs here instead of a temp dir")
     args = parser.parse_args(argv)
@@ -298,14 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         if not prepared:
             continue
         inputs = prepared[0]
-        if model in settings.ppo_models:
+        if model in settings.ppo_models and "ppo" in args.only:
             rows += bench_ppo(harness, model, inputs, precision, ceiling)
         if model in settings.models:
-            rows += bench_generate(harness, model, inputs, precision)
-            rows += bench_rm(harness, model, inputs, precision, ceiling)
-            rows += bench_sft(harness, model, inputs, precision, ceiling)
+            rows += bench_generate(harness, model, inputs, precision) if "generation" in args.only else []
+            rows += bench_rm(harness, model, inputs, precision, ceiling) if "rm" in args.only else []
+            rows += bench_sft(harness, model, inputs, precision, ceiling) if "sft" in args.only else []
 
-    header = (f"mode {args.mode}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
+    header = (f"mode {args.mode}{'' if args.only == list(BENCHMARKS) else ' (' + ', '.join(args.only) + ' only)'}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
               f"SFT and RM epochs, precision {precision} on both sides; "
               f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
