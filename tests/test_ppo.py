@@ -1,5 +1,6 @@
 """PPO pieces that decide success (N implementation details) and a tiny end-to-end PPO / PPO-ptx run."""
 
+import pytest
 import torch
 
 from instrugo.generation import left_pad
@@ -182,3 +183,40 @@ def test_lora_ppo_shares_frozen_weights_and_writes_plain_models(tmp_path, monkey
     assert any(not torch.equal(policy.state_dict()[n], p) for n, p in sft.state_dict().items())
     value = AutoModelForSequenceClassification.from_pretrained(out / "value")
     assert value.config.num_labels == 1 and not any("lora" in n for n in value.state_dict())
+
+
+def test_gold_reward_scores_rollouts_with_the_judge_not_the_reward_model(tmp_path, monkeypatch):
+    """--reward gold: the scores PPO optimises are the gold judge's (here a stand-in giving 0.37 to every
+    response, and the no-EOS score set to the same value), and no RM score is logged."""
+    import instrugo.judge
+    from instrugo import runio
+    from instrugo.judge.gold import GoldVerdict
+    from instrugo.ppo import run_ppo
+
+    judged = []
+
+    def constant_judge(record, response):
+        judged.append(response)
+        return GoldVerdict(score=0.37, constraint_results=[], constraint_fraction=1.0, all_passed=True,
+                           topicality=1.0, quality=1.0, n_words=1, reasons=[])
+
+    monkeypatch.setattr(instrugo.judge, "gold_judge", constant_judge)
+    rm = tiny_reward_model(tmp_path)
+    out = run_ppo(tiny_ppo_config(tmp_path, rm, reward="gold", no_eos_score=0.37, ptx_coef=0.0, ema_decay=0.0))
+    rows = runio.read_metrics(out / "metrics.jsonl")
+    assert len(judged) == 24  # every rollout of the 3 iterations, judged once
+    assert all("rm_score" not in r for r in rows)
+    assert all(r["score_with_penalty"] == pytest.approx(0.37) and r["gold_score"] == pytest.approx(0.37) for r in rows)
+
+
+def test_gold_reward_needs_constraints_on_every_prompt(tmp_path):
+    import json
+
+    from instrugo.ppo import run_ppo
+    from instrugo.runio import InputError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
+    with pytest.raises(InputError, match=r"prompts.jsonl:1: field 'constraints'"):
+        run_ppo(tiny_ppo_config(tmp_path, tiny_reward_model(tmp_path), reward="gold", prompts=str(prompts)))
+    assert not (tmp_path / "ppo").exists()

@@ -93,6 +93,8 @@ class PPOConfig:
     ptx_max_length: int = option(128, "Token limit of each pretraining sequence.")
     ema_decay: float = option(0.0, "EMA of policy weights (InstructGPT: 0.992; 0 = off).")
     gold_judge: bool = option(True, "Log the gold judge's score of each rollout (when prompts have constraints).")
+    reward: str = option("model", "What scores the rollouts: the reward model, or 'gold': the gold judge, an oracle "
+                                  "reward that tells the reward model's error from PPO's (prompts need constraints).")
     rollout_batch_size: int = option(32, "Sequences generated together.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     save_every: int = option(1, "Checkpoint every N iterations.")
@@ -114,6 +116,7 @@ class PPOConfig:
         require(per_minibatch % self.micro_batch_size == 0 or self.micro_batch_size >= per_minibatch,
                 "micro_batch_size", f"must divide the minibatch size ({per_minibatch:g} episodes)")
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+        require(self.reward in ("model", "gold"), "reward", "must be model or gold")
         require(self.total_episodes >= self.episodes_per_batch, "total_episodes", "must be >= episodes_per_batch")
         require(0 <= self.value_warmup_iterations < self.total_episodes // self.episodes_per_batch,
                 "value_warmup_iterations", "must be >= 0 and leave at least one iteration that trains the policy")
@@ -241,6 +244,7 @@ def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: i
 def run_ppo(config: PPOConfig) -> Path:
     """Train the policy with PPO (PPO-ptx when ptx_coef > 0); returns the output directory."""
     from instrugo.data import load_examples, load_split
+    from instrugo.judge import gold_judge
     from instrugo.reward import load_reward_model, score_texts
 
     out = Path(config.out)
@@ -258,6 +262,10 @@ def run_ppo(config: PPOConfig) -> Path:
     # With LoRA, the frozen two are the trained two with their adapters switched off: half the weights.
     tokenizer = models.load_tokenizer(config.policy)
     records = load_examples(config.prompts)
+    if config.reward == "gold":
+        unjudged = next((i for i, r in enumerate(records) if r.get("constraints") is None), None)
+        if unjudged is not None:
+            raise InputError(config.prompts, "--reward gold needs constraints on every prompt", unjudged + 1, "constraints")
     prompt_ids = encode_prompts(tokenizer, [r["messages"] for r in records])
     # The longest sequence the four models will read picks their attention kernel (models.py).
     longest = max(len(ids) for ids in prompt_ids) + config.max_new_tokens
@@ -273,15 +281,17 @@ def run_ppo(config: PPOConfig) -> Path:
     share_reference = bool(config.lora_rank) and not config.reference
     reference = (policy if share_reference else
                  models.load_causal_lm(config.reference or config.policy, tokenizer, max_tokens=longest))
-    if config.lora_rank and value_path == models.resolve_model(config.reward_model):
+    if config.reward == "gold":
+        reward_model = reward_tokenizer = None  # the reward model only initialises the value network
+    elif config.lora_rank and value_path == models.resolve_model(config.reward_model):
         reward_model, reward_tokenizer = value_classifier, tokenizer
     else:
         reward_model, reward_tokenizer = load_reward_model(models.resolve_model(config.reward_model))
-    if reward_model is not value_classifier:
+    if reward_model is not None and reward_model is not value_classifier:
         reward_model.eval().requires_grad_(False).to(accelerator.device)
     if reference is not policy:
         reference.eval().requires_grad_(False).to(accelerator.device)
-    for model in {id(m): m for m in (policy, value_classifier, reference, reward_model)}.values():
+    for model in {id(m): m for m in (policy, value_classifier, reference, reward_model) if m is not None}.values():
         models.frozen_linears_to_bf16(model, precision)  # the frozen ones and LoRA bases
     value = TokenValueModel(value_classifier)
 
@@ -345,18 +355,24 @@ def run_ppo(config: PPOConfig) -> Path:
         timings["generate"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-        # 2. score: RM on text; policy, reference and value on the policy's tokens
+        # 2. score: RM (or the gold judge) on text; policy, reference and value on the policy's tokens
+        verdicts = None
+        if config.reward == "gold" or (config.gold_judge and all(r.get("constraints") is not None for r in batch_records)):
+            verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
         query, query_mask = left_pad([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
         response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
         device = accelerator.device
         query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
         with torch.no_grad(), accelerator.autocast():
-            with adapter_off(reward_model, reward_model is value_classifier):
-                rm_scores = torch.tensor(score_texts(reward_model, reward_tokenizer, [r["messages"] for r in batch_records],
-                                                     [s.text for s in samples], precision, batch_size=config.micro_batch_size),
-                                         device=device)
+            if config.reward == "gold":
+                raw_scores = torch.tensor([v.score for v in verdicts], device=device)
+            else:
+                with adapter_off(reward_model, reward_model is value_classifier):
+                    raw_scores = torch.tensor(score_texts(
+                        reward_model, reward_tokenizer, [r["messages"] for r in batch_records], [s.text for s in samples],
+                        precision, batch_size=config.micro_batch_size), device=device)
             has_eos = torch.tensor([s.has_eos for s in samples], device=device)
-            scores = losses.no_eos_penalty(rm_scores, has_eos, config.no_eos_score)
+            scores = losses.no_eos_penalty(raw_scores, has_eos, config.no_eos_score)
             logprobs, ref_logprobs, values = [], [], []
             for mb in range(0, per_process, config.micro_batch_size):
                 sl = slice(mb, mb + config.micro_batch_size)
@@ -449,12 +465,13 @@ def run_ppo(config: PPOConfig) -> Path:
                     ema.update(accelerator.unwrap_model(policy))
         timings["train"] = time.perf_counter() - clock
 
-        # Logging: what the run optimises (RM score), what it pays (KL), and the gold truth when known.
+        # Logging: what the run optimises (RM score), what it pays (KL), and the gold truth when known
+        # (with --reward gold, the gold score is what it optimises).
         kl_per_response = (kl * response_mask).sum(-1)
         mean_kl = accelerator.gather(kl_per_response).mean().item()
         kl_control.update(mean_kl, config.episodes_per_batch)
         row = {"step": iteration + 1, "episodes": (iteration + 1) * config.episodes_per_batch,
-               "rm_score": accelerator.gather(rm_scores).mean().item(),
+               **({} if config.reward == "gold" else {"rm_score": accelerator.gather(raw_scores).mean().item()}),
                "score_with_penalty": accelerator.gather(scores).mean().item(),
                "kl": mean_kl, "sqrt_kl": math.sqrt(max(0.0, mean_kl)),
                "kl_coef": kl_control.value, "no_eos_rate": 1 - has_eos.float().mean().item(),
@@ -462,14 +479,11 @@ def run_ppo(config: PPOConfig) -> Path:
                "lr": policy_schedule.get_last_lr()[0],
                **{k: sum(v) / len(v) for k, v in stats.items() if v},
                **{f"seconds_{k}": round(v, 3) for k, v in timings.items()}}
-        if config.gold_judge and all(r.get("constraints") is not None for r in batch_records):
-            from instrugo.judge import gold_judge
-
-            verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
+        if verdicts is not None:
             row["gold_score"] = sum(v.score for v in verdicts) / len(verdicts)
             row["gold_pass_rate"] = sum(v.all_passed for v in verdicts) / len(verdicts)
         metrics.log(row)
-        bar.set_postfix(rm=f"{row['rm_score']:.3f}", kl=f"{mean_kl:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
+        bar.set_postfix(rm=f"{row.get('rm_score', float('nan')):.3f}", kl=f"{mean_kl:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
         bar.update(1)
         state = {"iteration": iteration + 1, "kl_coef": kl_control.value}
         if (iteration + 1) % config.save_every == 0 and iteration + 1 < iterations:
