@@ -189,6 +189,7 @@ def test_gold_reward_scores_rollouts_with_the_judge_not_the_reward_model(tmp_pat
     """--reward gold: the scores PPO optimises are the gold judge's (here a stand-in giving 0.37 to every
     response, and the no-EOS score set to the same value), and no RM score is logged."""
     import instrugo.judge
+    import instrugo.reward
     from instrugo import runio
     from instrugo.judge.gold import GoldVerdict
     from instrugo.ppo import run_ppo
@@ -201,6 +202,7 @@ def test_gold_reward_scores_rollouts_with_the_judge_not_the_reward_model(tmp_pat
                            topicality=1.0, quality=1.0, n_words=1, reasons=[])
 
     monkeypatch.setattr(instrugo.judge, "gold_judge", constant_judge)
+    monkeypatch.setattr(instrugo.reward, "score_texts", lambda *a, **k: pytest.fail("the reward model scored"))
     rm = tiny_reward_model(tmp_path)
     out = run_ppo(tiny_ppo_config(tmp_path, rm, reward="gold", no_eos_score=0.37, ptx_coef=0.0, ema_decay=0.0))
     rows = runio.read_metrics(out / "metrics.jsonl")

@@ -114,6 +114,11 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def crop(self, *args, **kwargs):  # DynamicLayer's versions would leave the buffers stale
+        raise NotImplementedError("PreallocatedLayer supports decoding only: update and batch_select_indices")
+
+    reset = batch_repeat_interleave = crop
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]

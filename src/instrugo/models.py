@@ -238,13 +238,17 @@ def packed_linears(model, precision: str):
     call, which at decoding's few rows is most of the matmul's time: a 576 x 1536 layer at 8 rows took
     88 us against 38 us packed, at 32 rows 158 against 81 us; the outputs are bit-identical. CPU with
     bf16 only (elsewhere a no-op); the packed copies (the weights once more, in bf16) live for the block."""
-    if precision != "bf16" or torch.cuda.is_available() or not torch.backends.mkldnn.is_available():
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if (precision != "bf16" or not on_cpu or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         yield
         return
     patched = []
     try:
         for module in model.modules():
-            if type(module) is torch.nn.Linear:  # exactly: wrappers such as LoRA's keep their own forward
+            # Exactly nn.Linear (wrappers such as LoRA's keep their own forward), and not already patched by
+            # someone else (e.g. accelerate's offload hooks), whose forward deleting ours would drop.
+            if type(module) is torch.nn.Linear and "forward" not in vars(module):
                 weight = module.weight.detach().to(torch.bfloat16)
                 bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
                 module.forward = functools.partial(_packed_linear, torch.ops.mkldnn._reorder_linear_weight(weight, 32),
