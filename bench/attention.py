@@ -1,6 +1,7 @@
 """Eager vs SDPA attention on this CPU, the measurement behind `models.attention_implementation`: forward +
 backward of the default model at the sequence lengths the stages train on; and a decode step's parts one
-by one (KV cache, packed linears), the measurement behind `generation.decode`.
+by one (KV cache, packed linears), with one linear layer and one sampling draw alone: the measurements
+behind `generation.decode`, `generation.draw` and `models.packed_linears`.
 Usage: .venv/bin/python bench/attention.py"""
 import time
 
@@ -13,6 +14,7 @@ from measure import best_seconds
 
 TRAINING_SHAPES = ((8, 95), (8, 320), (4, 512), (2, 1024))  # (rows, tokens)
 DECODE_BATCHES, SHORT, LONG, ROUNDS = (8, 32), 8, 72, 2
+LINEAR_ROWS = (8, 32, 760)  # decoding's batches, and a forward pass over 8 x 95 tokens
 
 models.setup_compute("bf16")
 tokenizer = models.load_tokenizer("default")
@@ -63,3 +65,25 @@ for rows in DECODE_BATCHES:
                 model, ids, mask, n, 1.0, 1.0, -1, tokenizer.pad_token_id, torch.Generator().manual_seed(0)), ROUNDS)
                 for n in (SHORT, LONG))
         print(f"    {label}: {(long - short) / (LONG - SHORT) * 1000:.1f} ms/step")
+
+print("one 576 x 1536 bf16 linear layer (the MLP's shape), F.linear vs its weight packed once (best of 50 calls):")
+weight = torch.randn(1536, 576).bfloat16()
+packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+with torch.no_grad():
+    for rows in LINEAR_ROWS:
+        x = torch.randn(rows, 576).bfloat16()
+        plain, fast = (best_seconds(fn, 50) for fn in (
+            lambda: torch.nn.functional.linear(x, weight),
+            lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")))
+        difference = (torch.nn.functional.linear(x, weight).float()
+                      - torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()).abs().max()
+        print(f"  {rows} rows: F.linear {plain * 1e6:.0f} us, packed {fast * 1e6:.0f} us, max difference {difference:.3g}")
+
+vocabulary = model.config.vocab_size
+probabilities = torch.softmax(torch.randn(32, vocabulary) * 3, dim=-1)
+generator = torch.Generator().manual_seed(0)
+multinomial, inverse_cdf = (best_seconds(fn, 20) for fn in (
+    lambda: torch.multinomial(probabilities, 1, generator=generator),
+    lambda: generation.draw(probabilities, generator)))
+print(f"one token for each of 32 rows over {vocabulary} tokens (best of 20): torch.multinomial "
+      f"{multinomial * 1e3:.2f} ms, generation.draw {inverse_cdf * 1e3:.2f} ms")

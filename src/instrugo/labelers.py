@@ -14,7 +14,7 @@ the gold judge's components and ranks them by its own utility, with two kinds of
 
 The default noise is calibrated to people: two annotators of the pool agree on 67% of pairs, as people do
 (AlpacaFarm ~66%, InstructGPT 72.6%). AlpacaFarm's 25% flips, added to this pool's own preference noise,
-gave 55%, below any human group, and labels agreeing with the gold judge on only 64% of pairs, on which
+gave 55.7%, below any human group, and labels agreeing with the gold judge on only 64-66% of pairs, on which
 a reward model from a few thousand comparisons stayed near chance; `--flip-probability 0.25
 --temperature-scale 1` restores that setting.
 

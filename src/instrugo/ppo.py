@@ -15,8 +15,9 @@ Each iteration (REFERENCE §3–§4):
 
 The first `value_warmup_iterations` update only the value network, with an unclipped loss. The reward
 model it starts from was trained on scores at EOS only; read at every token, its values sit far from the
-returns (measured on the demo: +0.5 against −0.7), which makes every EOS look bad after whitening, and a
-clipped value loss corrects that 0.2 per update while the policy learns to ramble (README).
+returns (bench/value_calibration.py on the demo's SFT policy: +0.29 to +0.49 against −0.37 to −0.70 in
+two samplings), which makes every EOS look bad after whitening, and a clipped value loss corrects that
+0.2 per update while the policy learns to ramble (README).
 
     instrugo ppo --policy runs/sft --reward-model runs/rm --out runs/ppo [--ptx-coef 27.8]
 
