@@ -4,6 +4,7 @@ import json
 import math
 import random
 
+import pytest
 import torch
 
 from instrugo import losses, runio
@@ -134,3 +135,18 @@ def test_lora_reward_model_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, sav
     assert saved_dtypes(out) == {"F32"}
     model, _ = load_reward_model(out)
     assert model.config.num_labels == 1 and not any("lora" in n for n in model.state_dict())
+
+
+def test_score_texts_batches_by_length_and_returns_scores_in_the_callers_order(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = init_reward_model(tiny_model_dir, tokenizer, seed=0).eval()
+    responses = [" ".join(["word"] * n) for n in (30, 2, 17, 5, 40, 1, 9)]
+    prompts = [f"Question {i}?" for i in range(len(responses))]
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    batched = score_texts(model, tokenizer, prompts, responses, "fp32", batch_size=3)
+    one_by_one = [score_texts(model, tokenizer, [p], [r], "fp32")[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+    # Sorted by length: the shortest three, the next three, then the longest alone.
+    assert widths[:3] == sorted(widths[:3]) and len(widths) == 3 + len(responses)

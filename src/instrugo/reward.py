@@ -124,12 +124,16 @@ def score_texts(model, tokenizer, prompts: list, responses: list[str], precision
     cut to the length the model was trained on (`config.reward_max_length`)."""
     bias = float(getattr(model.config, "reward_bias", 0.0))
     max_length = max_length or int(getattr(model.config, "reward_max_length", 384))
-    scores: list[float] = []
-    for start in range(0, len(responses), batch_size):
-        sequences = [reward_inputs(tokenizer, p, r, max_length)
-                     for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+    sequences = [reward_inputs(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    # Batched in order of length, so a batch pads to a similar length; scores return in the callers' order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         with models.autocast(precision):
-            scores.extend((raw_scores(model, sequences, tokenizer.pad_token_id) + bias).tolist())
+            scored = (raw_scores(model, [sequences[i] for i in batch], tokenizer.pad_token_id) + bias).tolist()
+        for i, score in zip(batch, scored):
+            scores[i] = score
     return scores
 
 

@@ -181,7 +181,9 @@ def run_sft(config: SFTConfig) -> Path:
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         batch = [examples[i] for i in step_indices(step, len(examples), config.batch_size, config.seed)]
-        batch = batch[accelerator.process_index::world]
+        # Sorted by length, so each micro-batch pads to a similar length (the step's gradient is the same:
+        # the InstruGo SFT split pads to 1.39x its tokens in random micro-batches of 8, 1.24x sorted).
+        batch = sorted(batch, key=lambda example: len(example[0]))[accelerator.process_index::world]
         n_tokens = sum(sum(mask) for _, mask in batch)
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
