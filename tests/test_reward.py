@@ -147,6 +147,9 @@ def test_score_texts_batches_by_length_and_returns_scores_in_the_callers_order(t
                                     with_kwargs=True)
     batched = score_texts(model, tokenizer, prompts, responses, "fp32", batch_size=3)
     one_by_one = [score_texts(model, tokenizer, [p], [r], "fp32")[0] for p, r in zip(prompts, responses)]
+    assert len({round(score, 3) for score in one_by_one}) == len(responses)  # so a wrong order would show
     assert batched == pytest.approx(one_by_one, abs=1e-4)
-    # Sorted by length: the shortest three, the next three, then the longest alone.
-    assert widths[:3] == sorted(widths[:3]) and len(widths) == 3 + len(responses)
+    # Sorted by length: the shortest three, the next three, then the longest alone, each batch as wide
+    # as its longest text (the one-by-one calls measured each text's own width).
+    own = sorted(widths[3:])
+    assert widths[:3] == [own[2], own[5], own[6]]

@@ -180,11 +180,13 @@ def run_sft(config: SFTConfig) -> Path:
                dynamic_ncols=True)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
-        batch = [examples[i] for i in step_indices(step, len(examples), config.batch_size, config.seed)]
-        # Sorted by length, so each micro-batch pads to a similar length (the step's gradient is the same:
-        # the InstruGo SFT split pads to 1.39x its tokens in random micro-batches of 8, 1.24x sorted).
-        batch = sorted(batch, key=lambda example: len(example[0]))[accelerator.process_index::world]
-        n_tokens = sum(sum(mask) for _, mask in batch)
+        step_batch = [examples[i] for i in step_indices(step, len(examples), config.batch_size, config.seed)]
+        # Every process knows the whole step, so each weighs its micro-batches by the step's token count:
+        # the gradient is the token mean over the step whatever the processes' shares.
+        n_tokens = sum(sum(mask) for _, mask in step_batch)
+        # Sorted by length, so a micro-batch pads to a similar length (docs/BENCHMARKS.md: the sft split's
+        # padding falls from 1.39x to 1.24x its tokens); which examples form the step does not change.
+        batch = sorted(step_batch, key=lambda example: len(example[0]))[accelerator.process_index::world]
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
         for index, micro in enumerate(micro_batches):
@@ -197,10 +199,11 @@ def run_sft(config: SFTConfig) -> Path:
                                position_ids=tensors["position_ids"], logits_to_keep=width).logits
                 loss = losses.response_lm_loss(logits.float(), tensors["input_ids"][:, -width:],
                                                tensors["loss_mask"][:, -width:])
-                # Weight by tokens so the step's gradient is the token mean over the whole batch.
                 share = tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
-                accelerator.backward(loss * share)
+                accelerator.backward(loss * share * world)  # processes' gradients are averaged, not summed
             step_loss += loss.item() * share
+        if world > 1:
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item()
         if not math.isfinite(step_loss):
             raise SystemExit(f"sft: loss is {step_loss} at step {step}; last checkpoint kept in {out}")
         grad_norm = (accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -212,7 +215,7 @@ def run_sft(config: SFTConfig) -> Path:
         seconds = time.perf_counter() - started
         row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": round(step_loss, 5),
                "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
-               "response_tokens": n_tokens, "tokens_per_second": round(n_tokens * world / seconds, 1)}
+               "response_tokens": n_tokens, "tokens_per_second": round(n_tokens / seconds, 1)}
         metrics.log(row)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
