@@ -185,7 +185,7 @@ def run_sft(config: SFTConfig) -> Path:
         # the gradient is the token mean over the step whatever the processes' shares.
         n_tokens = sum(sum(mask) for _, mask in step_batch)
         # Sorted by length, so a micro-batch pads to a similar length (docs/BENCHMARKS.md: the sft split's
-        # padding falls from 1.39x to 1.24x its tokens); which examples form the step does not change.
+        # padding falls from 1.40x to 1.24x its tokens); which examples form the step does not change.
         batch = sorted(step_batch, key=lambda example: len(example[0]))[accelerator.process_index::world]
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
