@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_rm(harness, model, inputs, precision, ceiling) if "rm" in args.only else []
             rows += bench_sft(harness, model, inputs, precision, ceiling) if "sft" in args.only else []
 
-    header = (f"mode {args.mode}{'' if args.only == list(BENCHMARKS) else ' (' + ', '.join(args.only) + ' only)'}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
+    subset = "" if args.only == list(BENCHMARKS) else f" ({', '.join(args.only)} only)"
+    header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
               f"SFT and RM epochs, precision {precision} on both sides; "
               f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"

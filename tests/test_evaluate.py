@@ -39,3 +39,26 @@ def test_judged_row_uses_the_gold_judge_only_when_there_are_constraints():
     assert good["gold_score"] is not None and good["all_passed"] is False  # an empty answer fails
     free = judged_row("k", {"prompt": "Tell me a joke."}, Sample(0, "A joke.", [5, 2], True), gold_judge)
     assert free["gold_score"] is None and free["all_passed"] is None and free["constraint_results"] == []
+
+
+def test_best_of_n_keeps_each_prompts_own_reward_model_favourite(monkeypatch):
+    import instrugo.evaluate
+    import instrugo.reward
+    from instrugo.evaluate import EvalConfig, best_of_n_rows
+
+    records = [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in ("first", "second", "third")]
+    groups = [[Sample(i, f"{p} answer {value}", [5, 2], True) for value in values]
+              for i, (p, values) in enumerate(zip(("first", "second", "third"), ((3, 9, 1), (7, 2, 8), (4, 6, 5))))]
+    monkeypatch.setattr(instrugo.evaluate, "sample_responses", lambda *a, **k: groups)
+    seen = []
+
+    def score_by_number(model, tokenizer, prompts, responses, precision, **kwargs):
+        seen.append(list(zip([m[0]["content"] for m in prompts], responses)))
+        return [float(r.split()[-1]) for r in responses]  # the score each response names
+
+    monkeypatch.setattr(instrugo.reward, "score_texts", score_by_number)
+    config = EvalConfig(reward_model="rm", best_of=3, max_new_tokens=4)
+    rows = best_of_n_rows(None, None, records, "key", config, "fp32", (None, None))
+    assert [r["response"] for r in rows] == ["first answer 9", "second answer 8", "third answer 6"]
+    assert [r["rm_score"] for r in rows] == [9.0, 8.0, 6.0]
+    assert all(response.startswith(prompt) for call in seen for prompt, response in call)  # prompts stay paired

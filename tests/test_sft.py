@@ -121,3 +121,19 @@ def test_lora_sft_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, saved_dtypes
     rows = runio.read_metrics(out / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert saved_dtypes(out) == {"F32"}
+
+
+def test_a_steps_loss_and_gradient_do_not_depend_on_its_micro_batches(tmp_path):
+    """The step's gradient is the token mean over all its examples: cutting the same 4 examples (responses of
+    1 to 40 words, so micro-batches hold different token counts) into 1, 2 or 4 micro-batches gives the same
+    logged loss and gradient norm."""
+    rows = [{"prompt": f"Answer {i}.", "response": " ".join(["word"] * n)} for i, n in enumerate((40, 1, 12, 3))]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    for micro in (4, 2, 1):
+        out = run_sft(tiny_config(tmp_path / f"micro{micro}", data, epochs=1.0, micro_batch_size=micro))
+        logged.append(runio.read_metrics(out / "metrics.jsonl")[0])
+    for row in logged[1:]:
+        assert row["loss"] == pytest.approx(logged[0]["loss"], rel=1e-4)
+        assert row["grad_norm"] == pytest.approx(logged[0]["grad_norm"], rel=1e-3)

@@ -169,10 +169,12 @@ def best_of_n_rows(model, tokenizer, records: list[dict], rows_key: str, config:
     with tqdm(total=len(records) * n, desc=f"eval bon_{n}", dynamic_ncols=True) as bar:
         groups = sample_responses(model, tokenizer, [r["messages"] for r in records], n=n, config=sampling,
                                   precision=precision, seed=config.seed + 1, progress=bar.update)
+    # One call for every sample, so score_texts batches them by length across prompts.
+    all_scores = score_texts(reward_model, reward_tokenizer, [r["messages"] for r in records for _ in range(n)],
+                             [s.text for group in groups for s in group], precision)
     rows = []
-    for record, group in zip(records, groups):
-        texts = [s.text for s in group]
-        scores = score_texts(reward_model, reward_tokenizer, [record["messages"]] * n, texts, precision)
+    for index, (record, group) in enumerate(zip(records, groups)):
+        scores = all_scores[index * n:(index + 1) * n]
         best = group[max(range(n), key=scores.__getitem__)]
         rows.append(judged_row(rows_key, record, best, gold_judge) | {"rm_score": max(scores)})
     return rows

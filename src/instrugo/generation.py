@@ -164,8 +164,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         if int(finished.sum()) * 8 >= len(rows):
             keep = (~finished).nonzero().squeeze(1)
-            cache.batch_select_indices(keep.to(input_ids.device))
             device_keep = keep.to(input_ids.device)
+            cache.batch_select_indices(device_keep)
             rows, finished = rows[keep], finished[keep]
             token, attention_mask, next_position = token[device_keep], attention_mask[device_keep], next_position[device_keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
