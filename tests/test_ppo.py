@@ -100,8 +100,10 @@ def test_tiny_ppo_ptx_run_logs_every_signal_and_resumes_after_a_kill(tmp_path, k
     rows = runio.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("rm_score", "gold_score", "kl", "entropy", "approx_kl", "clipfrac", "value_loss", "policy_loss",
-                "ptx_loss", "response_length", "seconds_generate", "seconds_score", "seconds_train"):
+                "ptx_loss", "response_length", "seconds_generate", "seconds_score", "seconds_train",
+                "policy_grad_norm", "value_grad_norm"):
         assert all(key in r for r in rows), key
+    assert all(r["policy_grad_norm"] > 0 and r["value_grad_norm"] > 0 for r in rows)
     AutoModelForCausalLM.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out / "ema")
     assert AutoModelForSequenceClassification.from_pretrained(out / "value").config.num_labels == 1

@@ -153,3 +153,51 @@ def test_score_texts_batches_by_length_and_returns_scores_in_the_callers_order(t
     # as its longest text (the one-by-one calls measured each text's own width).
     own = sorted(widths[3:])
     assert widths[:3] == [own[2], own[5], own[6]]
+
+
+def test_a_steps_forward_passes_go_in_order_of_length_and_its_loss_does_not_depend_on_them(tmp_path, monkeypatch):
+    """Each step's prompts are sorted by their longest sequence before they are cut into forward passes, so a
+    pass pads to a similar length; the step's prompts and its loss (a mean over prompts) stay the same for 1,
+    2 or 4 prompts per pass."""
+    import instrugo.reward as reward
+
+    rng = random.Random(0)
+    rows = []
+    for p in range(8):
+        longest = rng.choice([5, 10, 25, 40])  # prompts differ in length
+        counts = [longest] + rng.sample(range(1, longest), 3)
+        rows.append({"id": f"p{p}", "prompt": f"Item {p}.", "ranking": [0, 1, 2, 3],
+                     "responses": [" ".join(["word"] * c) + f" {p}.{i}" for i, c in enumerate(counts)]})
+    data = tmp_path / "ranked.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    passes = []  # (prompt ids, longest sequence) of each forward pass
+    real_batch_scores = reward.batch_scores
+
+    def recording_batch_scores(model, tokenizer, tasks, max_length):
+        passes.append(([t.id for t in tasks],
+                       max(len(reward_inputs(tokenizer, t.prompt, r, max_length)) for t in tasks for r in t.responses)))
+        return real_batch_scores(model, tokenizer, tasks, max_length)
+
+    monkeypatch.setattr(reward, "batch_scores", recording_batch_scores)
+    losses_by_micro, passes_by_micro = {}, {}
+    for micro in (4, 2, 1):
+        passes.clear()
+        config = RewardConfig(model="tiny", comparisons=[str(data)], out=str(tmp_path / f"micro{micro}" / "rm"),
+                              lr=1e-3, prompts_per_batch=4, micro_batch_prompts=micro, max_length=96,
+                              heldout_fraction=0.0, normalize_data="", precision="fp32", save_every=100)
+        run_reward(config)
+        losses_by_micro[micro] = [r["loss"] for r in runio.read_metrics(tmp_path / f"micro{micro}" / "rm" / "metrics.jsonl")
+                                  if not r.get("final")]
+        passes_by_micro[micro] = list(passes)
+    assert len(losses_by_micro[4]) == 2
+    for micro in (2, 1):
+        assert losses_by_micro[micro] == pytest.approx(losses_by_micro[4], rel=1e-4)
+    steps_of_4 = [set(ids) for ids, _ in passes_by_micro[4]]
+    for micro in (2, 1):
+        per_step = 4 // micro
+        steps = passes_by_micro[micro]
+        for s in range(2):
+            step = steps[s * per_step:(s + 1) * per_step]
+            assert set().union(*(set(ids) for ids, _ in step)) == steps_of_4[s]
+            widths = [w for _, w in step]
+            assert widths == sorted(widths) and widths[0] < widths[-1]

@@ -399,7 +399,8 @@ def run_ppo(config: PPOConfig) -> Path:
         # 5. PPO epochs over minibatches; micro-batches accumulate into one optimiser step
         train_policy = iteration >= config.value_warmup_iterations
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
-                                                        "value_clipfrac", "entropy", "ptx_loss")}
+                                                        "value_clipfrac", "entropy", "ptx_loss",
+                                                        "policy_grad_norm", "value_grad_norm")}
         minibatch_size = per_process // config.minibatches
         policy.train(), value.train()
         for _ in range(config.ppo_epochs):
@@ -455,10 +456,11 @@ def run_ppo(config: PPOConfig) -> Path:
                         raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} ("
                                          + ", ".join(f"{name} {loss}" for name, loss in latest.items())
                                          + f"); the last checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
-                trained = ((policy, policy_optimizer, policy_schedule),) if train_policy else ()
-                for model, optimizer, schedule in trained + ((value, value_optimizer, value_schedule),):
-                    if config.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                trained = (("policy", policy, policy_optimizer, policy_schedule),) if train_policy else ()
+                for name, model, optimizer, schedule in trained + (("value", value, value_optimizer, value_schedule),):
+                    if config.max_grad_norm:  # the norm before clipping: how often clipping binds
+                        stats[f"{name}_grad_norm"].append(
+                            float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -233,6 +233,7 @@ def run_reward(config: RewardConfig) -> Path:
     training.seed_everything(config.seed, accelerator.process_index)
 
     tokenizer = models.load_tokenizer(config.model)
+    longest = [max(len(reward_inputs(tokenizer, t.prompt, r, config.max_length)) for r in t.responses) for t in train]
     model = init_reward_model(config.model, tokenizer, config.seed, config.max_length)
     if config.lora_rank:
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha, full_modules=["score"])
@@ -263,8 +264,11 @@ def run_reward(config: RewardConfig) -> Path:
         started = time.perf_counter()
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), epoch, config.seed)
-        batch = [train[i] for i in order[position * config.prompts_per_batch:(position + 1) * config.prompts_per_batch]]
-        batch = batch[accelerator.process_index::world]
+        # Sorted by each prompt's longest sequence, so a forward pass pads to a similar length (docs/BENCHMARKS.md);
+        # the step's prompts, and so its loss (a mean over prompts), do not change.
+        indices = sorted(order[position * config.prompts_per_batch:(position + 1) * config.prompts_per_batch],
+                         key=lambda i: longest[i])
+        batch = [train[i] for i in indices][accelerator.process_index::world]
         micro_batches = [batch[i:i + config.micro_batch_prompts] for i in range(0, len(batch), config.micro_batch_prompts)]
         step_loss = step_accuracy = 0.0
         for index, micro in enumerate(micro_batches):
