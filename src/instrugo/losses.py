@@ -192,13 +192,13 @@ def kl_penalized_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logpro
 
 
 @torch.no_grad()
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the response tokens; returns (advantages, returns).
 
     δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1},  returns_t = A_t + V_t,
     with V and A taken as 0 after the last response token: the episode ends there, nothing is
-    bootstrapped past it (bandit episode, REFERENCE §3; InstructGPT γ = 1, lm-human-preferences λ = 0.95).
+    bootstrapped past it (bandit episode, REFERENCE §3; InstructGPT γ = 1; λ: lm-human-preferences 0.95, `ppo` 1).
     Outputs are 0 outside the mask. They are training targets, so no gradient flows through them.
     """
     mask = mask.to(rewards.dtype)

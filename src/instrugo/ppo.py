@@ -82,7 +82,10 @@ class PPOConfig:
     kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
     kl_clamp: bool = option(False, "Clamp per-token KL at >= 0 (AlpacaFarm).")
     gamma: float = option(1.0, "Discount (InstructGPT: 1).")
-    lam: float = option(0.95, "GAE λ.")
+    # λ = 1: the score reaches every token undiscounted. At 0.95 (N+) the first of ~70 tokens gets 0.95^69 ≈ 3%
+    # of it and the rest from value differences, which an RM-initialised value network gets wrong for most of
+    # a short run (README, "GAE λ = 1").
+    lam: float = option(1.0, "GAE λ (lm-human-preferences / N+: 0.95).")
     clip_range: float = option(0.2, "Policy ratio clip.")
     value_clip_range: float = option(0.2, "Value clip.")
     whiten_rewards: bool = option(False, "Whiten rewards before GAE (N+ final runs: off).")
