@@ -198,7 +198,7 @@ def job_ppo(job: dict) -> dict:
     batch = job["batch_size"]
     config = PPOConfig(policy=job["model"], reward_model=job["reward_model"], prompts=job["prompts"], out=job["out"],
                        total_episodes=batch * (job["updates"] + 1), episodes_per_batch=batch, minibatches=1,
-                       micro_batch_size=batch, ppo_epochs=job["ppo_epochs"], warmup_iterations=0, lam=0.95,  # TRL's
+                       micro_batch_size=batch, ppo_epochs=job["ppo_epochs"], warmup_iterations=0, lam=0.95,  # TRL's default λ
                        value_warmup_iterations=0,  # TRL has no value warm-up: every timed update trains both
                        max_new_tokens=job["response_length"], rollout_batch_size=batch, gold_judge=False,
                        precision=job["precision"], save_every=10**9, seed=job["seed"], lora_rank=job.get("lora_rank", 0))

@@ -26,9 +26,13 @@ instrugo.judge.gold_judge = shorter_is_better  # run_ppo reads it from the packa
 config = PPOConfig(policy=policy, reference=policy, reward_model=reward_model, out=out, reward="gold",
                    episodes_per_batch=32, minibatches=4, micro_batch_size=8, max_new_tokens=96, lr=2e-5,
                    total_episodes=256, warmup_iterations=2, value_warmup_iterations=1, value_lr=3e-5, seed=1)
-fields = {f.name: f.type for f in dataclasses.fields(PPOConfig)}
+fields = {f.name: f.type for f in dataclasses.fields(PPOConfig)}  # type names: ppo.py postpones annotations
+parse = {"int": int, "float": float, "str": str,
+         "bool": lambda v: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[v.lower()]}
 overrides = {}
 for pair in sys.argv[4:]:
     key, value = pair.split("=", 1)
-    overrides[key] = {"int": int, "float": float, "bool": lambda v: v.lower() == "true"}.get(fields[key], str)(value)
+    if key not in fields:
+        sys.exit(f"ppo_length_reward: unknown PPOConfig field {key!r}")
+    overrides[key] = parse[fields[key]](value)
 run_ppo(dataclasses.replace(config, **overrides))

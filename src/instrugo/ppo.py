@@ -84,7 +84,7 @@ class PPOConfig:
     gamma: float = option(1.0, "Discount (InstructGPT: 1).")
     # λ = 1: the score reaches every token undiscounted. At 0.95 (N+) the first of ~70 tokens gets 0.95^69 ≈ 3%
     # of it and the rest from value differences, which an RM-initialised value network gets wrong for most of
-    # a short run (README, "GAE λ = 1").
+    # a short run (measured once: README, "GAE λ = 1").
     lam: float = option(1.0, "GAE λ (lm-human-preferences / N+: 0.95).")
     clip_range: float = option(0.2, "Policy ratio clip.")
     value_clip_range: float = option(0.2, "Value clip.")
@@ -461,7 +461,7 @@ def run_ppo(config: PPOConfig) -> Path:
                                          + f"); the last checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
                 trained = (("policy", policy, policy_optimizer, policy_schedule),) if train_policy else ()
                 for name, model, optimizer, schedule in trained + (("value", value, value_optimizer, value_schedule),):
-                    if config.max_grad_norm:  # the norm before clipping: how often clipping binds
+                    if config.max_grad_norm:  # logged before clipping, to compare with max_grad_norm
                         stats[f"{name}_grad_norm"].append(
                             float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
                     optimizer.step()

@@ -265,7 +265,7 @@ def run_reward(config: RewardConfig) -> Path:
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), epoch, config.seed)
         # Sorted by each prompt's longest sequence, so a forward pass pads to a similar length (docs/BENCHMARKS.md);
-        # the step's prompts, and so its loss (a mean over prompts), do not change.
+        # the step's prompts, and so its loss (a mean over prompts), are mathematically the same.
         indices = sorted(order[position * config.prompts_per_batch:(position + 1) * config.prompts_per_batch],
                          key=lambda i: longest[i])
         batch = [train[i] for i in indices][accelerator.process_index::world]
@@ -280,6 +280,9 @@ def run_reward(config: RewardConfig) -> Path:
                 accelerator.backward(loss * share)
             step_loss += loss.item() * share
             step_accuracy += float(accuracy) * share
+        if world > 1:  # log the step's mean over all processes' prompts, not process 0's
+            step_loss, step_accuracy = (accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                                        for v in (step_loss, step_accuracy))
         if not math.isfinite(step_loss):
             raise SystemExit(f"rm: loss is {step_loss} at step {step}; last checkpoint kept in {out}")
         if config.max_grad_norm:
