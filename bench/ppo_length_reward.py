@@ -7,10 +7,10 @@ The measurement behind the README's "GAE λ = 1":
     .venv/bin/python bench/ppo_length_reward.py runs/demo-clean/sft RM_DIR /tmp/exp/ppo_len_lam1 lam=1.0
 (RM_DIR initialises the value network.)
 Usage: .venv/bin/python bench/ppo_length_reward.py POLICY RM_DIR OUT [KEY=VALUE ...]"""
-import dataclasses
 import sys
 
 import instrugo.judge
+from instrugo.config import from_dict
 from instrugo.judge.gold import GoldVerdict
 from instrugo.ppo import PPOConfig, run_ppo
 
@@ -23,16 +23,9 @@ def shorter_is_better(record: dict, response: str) -> GoldVerdict:
 
 policy, reward_model, out = sys.argv[1:4]
 instrugo.judge.gold_judge = shorter_is_better  # run_ppo reads it from the package at call time
-config = PPOConfig(policy=policy, reference=policy, reward_model=reward_model, out=out, reward="gold",
-                   episodes_per_batch=32, minibatches=4, micro_batch_size=8, max_new_tokens=96, lr=2e-5,
-                   total_episodes=256, warmup_iterations=2, value_warmup_iterations=1, value_lr=3e-5, seed=1)
-fields = {f.name: f.type for f in dataclasses.fields(PPOConfig)}  # type names: ppo.py postpones annotations
-parse = {"int": int, "float": float, "str": str,
-         "bool": lambda v: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[v.lower()]}
-overrides = {}
-for pair in sys.argv[4:]:
-    key, value = pair.split("=", 1)
-    if key not in fields:
-        sys.exit(f"ppo_length_reward: unknown PPOConfig field {key!r}")
-    overrides[key] = parse[fields[key]](value)
-run_ppo(dataclasses.replace(config, **overrides))
+settings = dict(policy=policy, reference=policy, reward_model=reward_model, out=out, reward="gold",
+                episodes_per_batch=32, minibatches=4, micro_batch_size=8, max_new_tokens=96, lr=2e-5,
+                total_episodes=256, warmup_iterations=2, value_warmup_iterations=1, value_lr=3e-5, seed=1)
+# from_dict converts and validates the overrides as the CLI does, naming an unknown or mistyped key.
+config = from_dict(PPOConfig, {**settings, **dict(pair.split("=", 1) for pair in sys.argv[4:])}, "command line")
+run_ppo(config)

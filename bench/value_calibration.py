@@ -1,8 +1,8 @@
 """Do a reward-model-initialised value network's first values match the returns they predict? Samples
 32 `ppo` prompts from a policy (temperature 1, 96 tokens, as PPO's rollouts), scores them with the reward
 model (no-EOS penalty −1), reads the value network (the reward model, per token) and reports the mean
-value against the mean score, and the whitened GAE advantage (γ = 1, λ = 0.95) at the EOS tokens: the
-measurement behind `ppo --value-warmup-iterations`.
+value against the mean score, and for GAE λ = 0.95 and 1 (γ = 1) the whitened advantage at the EOS tokens
+and the first value loss: the measurement behind `ppo --value-warmup-iterations` and `--lam`.
 Usage: .venv/bin/python bench/value_calibration.py POLICY_DIR RM_DIR"""
 import sys
 
@@ -36,10 +36,11 @@ with torch.no_grad():
 lengths = mask.sum(1).long()
 # The policy is still the reference, so the KL term is 0: the score at the last token is the only reward.
 rewards, _ = losses.kl_penalized_rewards(scores, torch.zeros_like(values), torch.zeros_like(values), mask, 0.0)
-advantages, returns = losses.gae_advantages(rewards, values, mask, 1.0, 0.95)
-advantages = losses.masked_whiten(advantages, mask)
 ended = has_eos.nonzero().squeeze(-1)
 print(f"score mean {scores.mean():.3f} (std {scores.std():.3f}); value mean over response tokens "
-      f"{(values * mask).sum() / mask.sum():.3f}, at the first token {values[:, 0].mean():.3f}; "
-      f"whitened advantage at EOS {advantages[ended, lengths[ended] - 1].mean():.3f}; "
-      f"initial value loss ½·mean((return − V)²) {0.5 * (((returns - values) ** 2) * mask).sum() / mask.sum():.3f}")
+      f"{(values * mask).sum() / mask.sum():.3f}, at the first token {values[:, 0].mean():.3f}")
+for lam in (0.95, 1.0):
+    advantages, returns = losses.gae_advantages(rewards, values, mask, 1.0, lam)
+    advantages = losses.masked_whiten(advantages, mask)
+    print(f"GAE λ = {lam}: whitened advantage at EOS {advantages[ended, lengths[ended] - 1].mean():.3f}; "
+          f"initial value loss ½·mean((return − V)²) {0.5 * (((returns - values) ** 2) * mask).sum() / mask.sum():.3f}")
