@@ -42,6 +42,28 @@ def test_decode_drops_finished_rows_and_keeps_each_rows_tokens():
     assert model.calls == [3, 3, 3, 2, 2, 2, 1, 1]
 
 
+def test_copies_of_a_prompt_share_its_prompt_pass_and_continue_it_each():
+    model = CountingModel()
+    ids, mask = left_pad([[5, 10], [20]], PAD)
+    out = decode(model, ids, mask, max_new_tokens=6, temperature=0.0, top_p=1.0, eos_id=EOS, pad_id=PAD,
+                 generator=torch.Generator().manual_seed(0), prompt_of_row=torch.tensor([0, 1, 0, 1, 1]))
+    first, second = ([11, 12, EOS], True), ([21, 22, 23, 24, 25, EOS], True)
+    assert out == [first, second, first, second, second]
+    assert model.calls == [2, 5, 5, 3, 3, 3]  # one prompt pass for 2 prompts, then a row per copy
+
+
+def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, tiny_model_dir):
+    from instrugo.generation import encode_prompts
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    encoded = encode_prompts(tiny_tokenizer, ["Name a planet.", "Write a long sentence about rivers."])
+    shared, separate = (left_pad(prompts, tiny_tokenizer.pad_token_id)
+                        for prompts in (encoded, [encoded[0], encoded[1], encoded[1]]))
+    args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
+    with fused_attention(model):
+        assert decode(model, *shared, *args, prompt_of_row=torch.tensor([0, 1, 1])) == decode(model, *separate, *args)
+
+
 def test_decode_never_samples_the_pad_token():
     model = CountingModel()
     ids, mask = left_pad([[30]], PAD)

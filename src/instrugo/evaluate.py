@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models
 from instrugo.config import option, require
-from instrugo.generation import SamplingConfig, encode_prompts, sample_responses
+from instrugo.generation import DECODE_BATCH_SIZE, SamplingConfig, encode_prompts, sample_responses
 from instrugo.runio import InputError, atomic_write_jsonl, iter_jsonl, update_json
 
 REFERENCE_POLICY = "sft"
@@ -49,7 +49,7 @@ class EvalConfig:
     max_prompts: int = option(0, "Evaluate only the first N prompts of each split (0 = all).")
     max_new_tokens: int = option(192, "Response length limit in tokens.")
     temperature: float = option(0.0, "Sampling temperature (0 = greedy, the default: a noise-free comparison).")
-    batch_size: int = option(32, "Sequences generated together.")
+    batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
     kl_batch_size: int = option(8, "Sequences per forward pass when measuring KL and pretraining loss.")
     pretrain_examples: int = option(200, "Held-out pretraining texts for pretrain_loss (0 = skip).")
     reward_model: str = option("", "Reward model: adds each policy's mean rm_score, and enables best-of-n.")

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
-from instrugo.generation import SamplingConfig, encode_prompts, left_pad, positions_skipping_padding, sample_responses
+from instrugo.generation import (DECODE_BATCH_SIZE, SamplingConfig, encode_prompts, left_pad, positions_skipping_padding,
+                                 sample_responses)
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
@@ -99,7 +100,7 @@ class PPOConfig:
     gold_judge: bool = option(True, "Log the gold judge's score of each rollout (when prompts have constraints).")
     reward: str = option("model", "What scores the rollouts: the reward model, or 'gold': the gold judge, an oracle "
                                   "reward that tells the reward model's error from PPO's (prompts need constraints).")
-    rollout_batch_size: int = option(32, "Sequences generated together.")
+    rollout_batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     save_every: int = option(1, "Checkpoint every N iterations.")
     seed: int = option(0, "Seed (per process: seed + rank·100003).")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from instrugo import models
 from instrugo.comparisons import MAX_K, MIN_K, ComparisonTask, task_rows
 from instrugo.config import option, require
-from instrugo.generation import SamplingConfig, sample_responses
+from instrugo.generation import DECODE_BATCH_SIZE, SamplingConfig, sample_responses
 from instrugo.runio import atomic_write_jsonl
 
 
@@ -36,7 +36,7 @@ class SampleConfig:
     max_new_tokens: int = option(160, "Response length limit in tokens.")
     temperature: float = option(1.0, "Sampling temperature.")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
-    batch_size: int = option(32, "Sequences generated together.")
+    batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     seed: int = option(0, "Sampling seed.")
     id_prefix: str = option("t", "Prefix of task ids (rounds use r1, r2, ...).")
