@@ -2,7 +2,7 @@
 max(0, 1 − words/60), which rewards shorter answers: the response length of the rollouts (`metrics.jsonl`)
 should fall within a few iterations. The settings are the demo's PPO (32 episodes per iteration, 4 minibatches,
 lr 2e-5, 96 new tokens), 256 episodes, the first 32 value-only; KEY=VALUE pairs override PPOConfig fields.
-The measurement behind the README's "GAE λ = 1":
+The measurement behind docs/EXPERIMENTS.md's "GAE λ = 1" (point 4):
     .venv/bin/python bench/ppo_length_reward.py runs/demo-clean/sft RM_DIR /tmp/exp/ppo_len lam=0.95
     .venv/bin/python bench/ppo_length_reward.py runs/demo-clean/sft RM_DIR /tmp/exp/ppo_len_lam1 lam=1.0
 (RM_DIR initialises the value network.)

@@ -1,5 +1,5 @@
 """Reward models' pairwise accuracy on one labeled comparison file, against its labels and against the
-noise-free gold judge: the test set behind the reward-model and labeler-noise numbers in the README.
+noise-free gold judge: the test set behind the reward-model and labeler-noise numbers in docs/EXPERIMENTS.md.
 Build a test set from prompts no run trains on, e.g.
     instrugo sample --policy runs/demo-clean/sft --prompts instrugo:rm --offset 1000 --n-prompts 128 --k 6 \
         --max-new-tokens 128 --seed 77 --id-prefix test --out /tmp/exp/test_tasks.jsonl

@@ -64,7 +64,7 @@ class RunConfig:
 # demonstrations, 86 prompts x K=9 ranked per round, 320 PPO episodes per variant (the first 64 train only the
 # value network), 100 eval prompts per split. K=9 on 86 prompts samples as many responses as K=4 on 192 and
 # gives ~3,060 comparisons instead of ~1,140: on a disjoint test set its RM agreed with the gold judge on 60.0%
-# of pairs against 54.4% and 58.6% for two K=4 draws (README, "The whole loop on the default model").
+# of pairs against 54.4% and 58.6% for two K=4 draws (docs/EXPERIMENTS.md, "At equal sampling cost").
 # Deviations from InstructGPT's values (REFERENCE.md), because a 135M model gets minutes, not days: SFT lr 5e-5
 # for 1 epoch (paper: 16 epochs); RM lr 5e-5 in batches of 4 prompts, 19 steps at K=9 (paper: 9e-6, 64 prompts, far
 # more steps; at 16 prompts and 3e-5 the RM took 11 steps and stayed at chance); PPO lr 2e-5 for 32 optimiser

@@ -17,7 +17,7 @@ The first `value_warmup_iterations` update only the value network, with an uncli
 model it starts from was trained on scores at EOS only; read at every token, its values sit far from the
 returns (bench/value_calibration.py on the demo's SFT policy: +0.29 to +0.49 against −0.37 to −0.70 in
 two samplings), which makes every EOS look bad after whitening, and a clipped value loss corrects that
-0.2 per update while the policy learns to ramble (README).
+0.2 per update while the policy learns to ramble (docs/EXPERIMENTS.md, point 2).
 
     instrugo ppo --policy runs/sft --reward-model runs/rm --out runs/ppo [--ptx-coef 27.8]
 
@@ -85,7 +85,7 @@ class PPOConfig:
     gamma: float = option(1.0, "Discount (InstructGPT: 1).")
     # λ = 1: the score reaches every token undiscounted. At 0.95 (N+) the first of ~70 tokens gets 0.95^69 ≈ 3%
     # of it and the rest from value differences, which an RM-initialised value network gets wrong for most of
-    # a short run (measured once: README, "GAE λ = 1").
+    # a short run (measured once: docs/EXPERIMENTS.md, point 4, "GAE λ = 1").
     lam: float = option(1.0, "GAE λ (lm-human-preferences / N+: 0.95).")
     clip_range: float = option(0.2, "Policy ratio clip.")
     value_clip_range: float = option(0.2, "Value clip.")
