@@ -48,7 +48,7 @@ class Settings:
     ppo_response_length: int = 32     # max new tokens per response
     ppo_updates: int = 3              # measured updates per run, after one warm-up update
     ppo_epochs: int = 4               # PPO epochs per update (TRL's default)
-    ppo_prompts: int = 64
+    ppo_prompts: int = 128            # PPO's prompts, and generation's: one per row of a `sample_batch`
     ppo_lora_rank: int = 8            # also measure instrugo's PPO with LoRA adapters (0 = skip)
     sft_examples: int = 256
     sft_batch: int = 16
@@ -61,7 +61,7 @@ class Settings:
     rm_lr: float = 2e-5
     heldout_fraction: float = 0.1
     generate_rounds: int = 3
-    sample_batch: int = 32            # generation is also measured at the sampling stage's batch and length
+    sample_batch: int = 128           # generation is also measured at the stages' decode batch and length
     sample_response_length: int = 128
     matmul_size: int = 2048
     seed: int = 0
