@@ -52,16 +52,40 @@ def test_copies_of_a_prompt_share_its_prompt_pass_and_continue_it_each():
     assert model.calls == [2, 5, 5, 3, 3, 3]  # one prompt pass for 2 prompts, then a row per copy
 
 
+def prompt_sensitive_model(tiny_tokenizer, tiny_model_dir):
+    """The tiny model with larger random weights: at its own initialisation greedy decoding emits the same
+    token whatever the prompt, which would hide a row continuing the wrong prompt."""
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model
+
+
 def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, tiny_model_dir):
     from instrugo.generation import encode_prompts
 
-    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
     encoded = encode_prompts(tiny_tokenizer, ["Name a planet.", "Write a long sentence about rivers."])
     shared, separate = (left_pad(prompts, tiny_tokenizer.pad_token_id)
-                        for prompts in (encoded, [encoded[0], encoded[1], encoded[1]]))
+                        for prompts in (encoded, [encoded[1], encoded[0], encoded[1]]))
     args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
     with fused_attention(model):
-        assert decode(model, *shared, *args, prompt_of_row=torch.tensor([0, 1, 1])) == decode(model, *separate, *args)
+        out = decode(model, *shared, *args, prompt_of_row=torch.tensor([1, 0, 1]))
+        assert out == decode(model, *separate, *args)
+    assert out[0] != out[1]  # the two prompts continue differently, so a wrong mapping would show
+
+
+def test_copies_of_a_prompt_split_across_batches_each_continue_it(tiny_tokenizer, tiny_model_dir):
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
+    prompts = ["Name a planet.", "Write a long sentence about rivers.", "Hi"]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, batch_size=1)
+    alone = [r[0].token_ids for r in sample_responses(model, tiny_tokenizer, prompts, config=greedy)]
+    copies = sample_responses(model, tiny_tokenizer, prompts, n=2, config=SamplingConfig(8, 0.0, 1.0, 3))
+    assert [[s.token_ids for s in r] for r in copies] == [[a, a] for a in alone]
+    assert len(set(map(tuple, alone))) == 3
 
 
 def test_decode_never_samples_the_pad_token():
