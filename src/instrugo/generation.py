@@ -32,9 +32,8 @@ class Sample:
 
 
 # Sequences decoded together by default. A decode step reads every weight once whatever the batch, so
-# bigger batches pay until the step turns compute-bound: 8 samples of each of 64 `eval` prompts, up to 192
-# tokens, on the default model (2 cores, bf16) ran at 451 tokens/s at batch 32, 549 at 64, 632 at 128 and
-# level with it at 256 (672 vs 670 on 8 x 64 prompts). The KV cache of 128 rows of 250 tokens is ~0.75 GB.
+# bigger batches pay until the step turns compute-bound: 453 tokens/s at batch 32, 696 at 128, 681 at 256
+# (bench/decode_batch.py, docs/BENCHMARKS.md). The KV cache of 128 rows of 250 tokens is ~0.75 GB.
 DECODE_BATCH_SIZE = 128
 
 
@@ -212,7 +211,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
             batch = jobs[start:start + config.batch_size]
             # Copies of a prompt are neighbours in `jobs`; each distinct prompt gets one prompt pass.
             distinct = {i: row for row, i in enumerate(dict.fromkeys(i for i, _ in batch))}
-            prompt_of_row = torch.tensor([distinct[i] for i, _ in batch], device=device)
+            prompt_of_row = (None if len(distinct) == len(batch)  # one sample per prompt: nothing to copy
+                             else torch.tensor([distinct[i] for i, _ in batch], device=device))
             input_ids, attention_mask = left_pad([encoded[i] for i in distinct], tokenizer.pad_token_id)
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
             decoded = decode(model, input_ids.to(device), attention_mask.to(device), config.max_new_tokens,
