@@ -7,9 +7,12 @@ Usage: .venv/bin/python bench/decode_batch.py [POLICY] [PROMPTS] [COPIES]
 import sys
 import time
 
+import torch
+
 from instrugo import models
 from instrugo.data import load_split
-from instrugo.generation import SamplingConfig, sample_responses
+from instrugo.generation import (SamplingConfig, encode_prompts, left_pad, positions_skipping_padding,
+                                 preallocated_cache, sample_responses)
 
 policy = sys.argv[1] if len(sys.argv) > 1 else "default"
 n_prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 64
@@ -21,6 +24,17 @@ tokenizer = models.load_tokenizer(policy)
 model = models.load_causal_lm(policy, tokenizer).eval()
 prompts = [r["messages"] for r in load_split("eval")[:n_prompts]]
 print(f"{policy}: {n_prompts} eval prompts x {copies} samples, up to 192 new tokens, temperature 1, {precision}")
+
+# What sharing saves per batch: the prompt pass of 128 rows (16 prompts x 8 copies) against that of 16.
+encoded = encode_prompts(tokenizer, prompts)
+for rows in (16, 128, 16):  # the first call is a warm-up (kernel selection, weight packing)
+    ids, mask = left_pad([encoded[i // (rows // 16)] for i in range(rows)], tokenizer.pad_token_id)
+    with torch.no_grad(), models.autocast(precision), models.fused_attention(model), \
+            models.packed_linears(model, precision):
+        started = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask),
+              past_key_values=preallocated_cache(model.config, ids.shape[1] + 192), use_cache=True, logits_to_keep=1)
+    print(f"  prompt pass of {rows} rows x {ids.shape[1]} tokens: {time.perf_counter() - started:.2f} s")
 for batch, shared in RUNS:
     config = SamplingConfig(192, 1.0, 1.0, batch)
     started = time.perf_counter()

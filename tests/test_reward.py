@@ -10,6 +10,7 @@ import torch
 from instrugo import losses, runio
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.models import load_tokenizer
+from instrugo.sft import epoch_order
 from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model, load_reward_model,
                              raw_scores, reward_inputs, run_reward, score_texts)
 
@@ -192,8 +193,6 @@ def test_a_steps_forward_passes_go_in_order_of_length_and_its_loss_does_not_depe
     assert len(losses_by_micro[4]) == 2
     for micro in (2, 1):
         assert losses_by_micro[micro] == pytest.approx(losses_by_micro[4], rel=1e-4)
-    from instrugo.sft import epoch_order
-
     order = epoch_order(8, 0, 0)  # the steps' prompts in their shuffled order: rows p0..p7, none held out
     steps_of_4 = [set(ids) for ids, _ in passes_by_micro[4]]
     assert steps_of_4 == [{f"p{i}" for i in order[:4]}, {f"p{i}" for i in order[4:]}]

@@ -32,8 +32,9 @@ class Sample:
 
 
 # Sequences decoded together by default. A decode step reads every weight once whatever the batch, so
-# bigger batches pay until the step turns compute-bound: 453 tokens/s at batch 32, 696 at 128, 681 at 256
-# (bench/decode_batch.py, docs/BENCHMARKS.md). The KV cache of 128 rows of 250 tokens is ~0.75 GB.
+# bigger batches pay until the step turns compute-bound: 453-508 tokens/s at batch 32, 696-749 at 128, and
+# 256 level with 128 in two runs (bench/decode_batch.py, docs/BENCHMARKS.md). The default model's KV cache for 128 rows of 250 tokens is
+# 30 layers x 2 (keys, values) x 3 heads x 64 dims x 2 bytes (bf16) per row and token: ~0.74 GB.
 DECODE_BATCH_SIZE = 128
 
 
