@@ -224,3 +224,53 @@ def test_gold_reward_needs_constraints_on_every_prompt(tmp_path):
     with pytest.raises(InputError, match=r"prompts.jsonl:1: field 'constraints'"):
         run_ppo(tiny_ppo_config(tmp_path, tiny_reward_model(tmp_path), reward="gold", prompts=str(prompts)))
     assert not (tmp_path / "ppo").exists()
+
+
+def test_select_cuts_the_columns_that_are_padding_in_every_chosen_episode():
+    from instrugo.ppo import Rollout
+
+    query, query_mask = left_pad([[5, 6, 7, 8], [9, 10], [11]], pad_id=0)
+    response = torch.tensor([[21, 22, 23, 2, 0], [31, 2, 0, 0, 0], [41, 42, 43, 44, 2]])
+    response_mask = (torch.arange(5) < torch.tensor([[4], [2], [5]])).float()
+    values = torch.arange(15.0).reshape(3, 5)
+    rollout = Rollout(query, query_mask, response, response_mask, torch.tensor([0.1, 0.2, 0.3]), values=values)
+
+    picked = rollout.select(torch.tensor([2, 1]))  # prompts of 1 and 2 tokens, responses of 5 and 2
+    assert picked.query.tolist() == [[0, 11], [9, 10]] and picked.query_mask.tolist() == [[0, 1], [1, 1]]
+    assert picked.response.tolist() == [[41, 42, 43, 44, 2], [31, 2, 0, 0, 0]]
+    picked = rollout.select(torch.tensor([1]))
+    assert picked.query.tolist() == [[9, 10]]
+    assert picked.response.tolist() == [[31, 2]] and picked.response_mask.tolist() == [[1.0, 1.0]]
+    assert picked.values.tolist() == [[5.0, 6.0]] and picked.scores.tolist() == [pytest.approx(0.2)]
+    assert picked.logprobs is None
+
+
+def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_path, monkeypatch):
+    """The minibatch's losses are token means over all its episodes: one micro-batch of 8, two of 4 or eight
+    of 1 (responses of 1 to 12 tokens, so micro-batches hold different token counts, and each is cut to its
+    own width) give the same policy and value gradients."""
+    import instrugo.ppo
+    from instrugo import runio
+    from instrugo.ppo import run_ppo
+
+    real_sampler = instrugo.ppo.sample_responses
+    lengths = [12, 1, 5, 2, 9, 3, 7, 4]
+
+    def varied_lengths(model, tokenizer, prompts, **kwargs):
+        batches = real_sampler(model, tokenizer, prompts, **kwargs)
+        for (sample,), length in zip(batches, lengths):
+            sample.token_ids = sample.token_ids[:length - 1] + [tokenizer.eos_token_id]
+            sample.text, sample.has_eos = tokenizer.decode(sample.token_ids, skip_special_tokens=True), True
+        return batches
+
+    monkeypatch.setattr(instrugo.ppo, "sample_responses", varied_lengths)
+    rm = tiny_reward_model(tmp_path)
+    logged = []
+    for micro in (8, 4, 1):
+        out = run_ppo(tiny_ppo_config(tmp_path, rm, out=str(tmp_path / f"micro{micro}"), total_episodes=8,
+                                      minibatches=1, micro_batch_size=micro, ptx_coef=0.0, ema_decay=0.0))
+        logged.append(runio.read_metrics(out / "metrics.jsonl")[0])
+    assert logged[0]["response_length"] == pytest.approx(sum(lengths) / len(lengths))
+    for row in logged[1:]:
+        assert row["policy_grad_norm"] == pytest.approx(logged[0]["policy_grad_norm"], rel=1e-4)
+        assert row["value_grad_norm"] == pytest.approx(logged[0]["value_grad_norm"], rel=1e-4)

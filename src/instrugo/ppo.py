@@ -139,15 +139,31 @@ class Rollout:
     query_mask: torch.Tensor      # [B, P]
     response: torch.Tensor        # [B, R] right-padded response tokens (pad after EOS)
     response_mask: torch.Tensor   # [B, R] float, 1 on response tokens (EOS included)
-    logprobs: torch.Tensor        # [B, R] log π_old(y_t) at the sampling temperature
-    ref_logprobs: torch.Tensor    # [B, R]
-    values: torch.Tensor          # [B, R] V(s_t) before emitting y_t
     scores: torch.Tensor          # [B] RM score (no-EOS penalty applied)
+    logprobs: torch.Tensor | None = None      # [B, R] log π_old(y_t) at the sampling temperature
+    ref_logprobs: torch.Tensor | None = None  # [B, R]
+    values: torch.Tensor | None = None        # [B, R] V(s_t) before emitting y_t
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        """The episodes at `index`, without the columns that are padding in all of them (left of their
+        longest prompt, right of their longest response): a micro-batch pays only for its own lengths.
+        Padding is masked out of every pass and loss, so the cut changes no number but the cost."""
+        rows = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        first_column = int(rows["query_mask"].any(0).nonzero()[0]) if rows["query_mask"].any() else 0
+        width = int(rows["response_mask"].any(0).nonzero()[-1]) + 1 if rows["response_mask"].any() else 1
+        for key, value in rows.items():
+            if key in ("query", "query_mask"):
+                rows[key] = value[:, first_column:]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:
+                rows[key] = value[:, :width]
+        return Rollout(**rows)
+
+
+def by_response_length(rollout: Rollout, index: torch.Tensor) -> torch.Tensor:
+    """`index` reordered by response length (stable), so consecutive micro-batches pad little."""
+    return index[torch.argsort(rollout.response_mask[index].sum(1), stable=True)]
 
 
 def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
@@ -378,16 +394,18 @@ def run_ppo(config: PPOConfig) -> Path:
                         precision, batch_size=config.micro_batch_size), device=device)
             has_eos = torch.tensor([s.has_eos for s in samples], device=device)
             scores = losses.no_eos_penalty(raw_scores, has_eos, config.no_eos_score)
-            logprobs, ref_logprobs, values = [], [], []
-            for mb in range(0, per_process, config.micro_batch_size):
-                sl = slice(mb, mb + config.micro_batch_size)
-                inputs = sequence_inputs(query[sl], query_mask[sl], response[sl], response_mask[sl])
-                logprobs.append(policy_logprobs(policy, inputs, response[sl], config.temperature))
+            rollout = Rollout(query, query_mask, response, response_mask, scores)
+            rollout.logprobs, rollout.ref_logprobs, rollout.values = (torch.zeros_like(response_mask) for _ in range(3))
+            # Micro-batches of similar response lengths, each cut to its own width (`select`).
+            episodes = by_response_length(rollout, torch.arange(per_process, device=device))
+            for micro_index in episodes.split(config.micro_batch_size):
+                micro = rollout.select(micro_index)
+                inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
+                width = micro.response.shape[1]
+                rollout.logprobs[micro_index, :width] = policy_logprobs(policy, inputs, micro.response, config.temperature)
                 with adapter_off(reference, share_reference):
-                    ref_logprobs.append(policy_logprobs(reference, inputs, response[sl], config.temperature))
-                values.append(value(**inputs, response_width=response.shape[1]))
-        rollout = Rollout(query, query_mask, response, response_mask, torch.cat(logprobs), torch.cat(ref_logprobs),
-                          torch.cat(values), scores)
+                    rollout.ref_logprobs[micro_index, :width] = policy_logprobs(reference, inputs, micro.response, config.temperature)
+                rollout.values[micro_index, :width] = value(**inputs, response_width=width)
         timings["score"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
@@ -410,11 +428,15 @@ def run_ppo(config: PPOConfig) -> Path:
         for _ in range(config.ppo_epochs):
             permutation = torch.randperm(per_process, device=device)
             for m in range(config.minibatches):
-                minibatch = permutation[m * minibatch_size:(m + 1) * minibatch_size]
+                # The minibatch's losses are token means over all of it, so how its episodes are grouped
+                # into micro-batches changes no gradient: group them by length, to cut padding.
+                minibatch = by_response_length(rollout, permutation[m * minibatch_size:(m + 1) * minibatch_size])
+                minibatch_tokens = rollout.response_mask[minibatch].sum()
                 micro_indices = minibatch.split(config.micro_batch_size)
                 for index, micro_index in enumerate(micro_indices):
                     micro = rollout.select(micro_index)
-                    share = len(micro_index) / len(minibatch)
+                    token_share = micro.response_mask.sum() / minibatch_tokens
+                    episode_share = len(micro_index) / len(minibatch)
                     last = index == len(micro_indices) - 1
                     sync = contextlib.nullcontext() if last else contextlib.ExitStack()
                     if not last:
@@ -429,7 +451,7 @@ def run_ppo(config: PPOConfig) -> Path:
                                                                               micro.advantages, micro.response_mask,
                                                                               config.clip_range)
                             # Two backward passes: the policy's activations are freed before the value network's exist.
-                            accelerator.backward(policy_loss * share)
+                            accelerator.backward(policy_loss * token_share)
                             latest["policy"] = policy_loss.item()
                             stats["policy_loss"].append(latest["policy"])
                             stats["clipfrac"].append(float(policy_stats["clipfrac"]))
@@ -445,14 +467,14 @@ def run_ppo(config: PPOConfig) -> Path:
                                     ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
                                     ptx_loss = losses.response_lm_loss(ptx_logits.float(), part["input_ids"], part["loss_mask"])
                                     chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
-                                    accelerator.backward(config.ptx_coef * ptx_loss * share * chunk_share)
+                                    accelerator.backward(config.ptx_coef * ptx_loss * episode_share * chunk_share)
                                     stats["ptx_loss"].append(ptx_loss.item())
                         new_values = value(**inputs, response_width=micro.response.shape[1])
                         # Warm-up lets the values travel to the returns' scale: clipping would hold them near the start.
                         value_loss, value_clipfrac = losses.ppo_value_loss(
                             new_values, micro.values, micro.returns, micro.response_mask,
                             config.value_clip_range if train_policy else None)
-                        accelerator.backward(value_loss * share)
+                        accelerator.backward(value_loss * token_share)
                     latest["value"] = value_loss.item()
                     stats["value_loss"].append(latest["value"])
                     stats["value_clipfrac"].append(value_clipfrac)
