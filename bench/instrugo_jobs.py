@@ -125,19 +125,25 @@ def job_prepare(job: dict) -> dict:
                                          ["input_ids"]) for r in prompts) / len(prompts)
 
     # Rankings: instrugo reads all tasks and holds out prompts itself; TRL gets the same training prompts
-    # expanded into pairs (what a TRL user must do), and both are scored on the same held-out tasks.
+    # expanded into pairs (what a TRL user must do), and both are scored on the same held-out tasks and on
+    # a test set of prompts neither trains on (the SFT job's examples come from the split's other end).
     for k, n_prompts in job["rm_prompts"].items():
         k = int(k)  # JSON object keys are strings
         tasks = ranked_tasks(sft[-n_prompts:], k, job["seed"])
+        test = ranked_tasks(sft[-(n_prompts + job["rm_test_prompts"]):-n_prompts], k, job["seed"] + 1)
         train, heldout = split_heldout(tasks, job["heldout_fraction"], job["seed"])
         atomic_write_jsonl(out / f"rm_k{k}.jsonl", task_rows(tasks))
         atomic_write_jsonl(out / f"rm_k{k}_heldout.jsonl", task_rows(heldout))
+        atomic_write_jsonl(out / f"rm_k{k}_test.jsonl", task_rows(test))
         atomic_write_jsonl(out / f"rm_k{k}_pairs_trl.jsonl",
                            [{"prompt": chat_prompt(tokenizer, t.prompt), "chosen": t.responses[0],
                              "rejected": t.responses[1]} for t in expand_to_pairs(train)])
         paths[f"rm_k{k}"] = {"tasks": str(out / f"rm_k{k}.jsonl"), "heldout": str(out / f"rm_k{k}_heldout.jsonl"),
+                             "test": str(out / f"rm_k{k}_test.jsonl"),
                              "pairs_trl": str(out / f"rm_k{k}_pairs_trl.jsonl"), "train_prompts": len(train),
-                             "train_pairs": sum(len(t.pairs()) for t in train)}
+                             "train_pairs": sum(len(t.pairs()) for t in train),
+                             "heldout_pairs": sum(len(t.pairs()) for t in heldout),
+                             "test_prompts": len(test), "test_pairs": sum(len(t.pairs()) for t in test)}
     paths["flop_parameters"] = model_flop_parameters(model_dir)
     return paths
 
@@ -173,8 +179,7 @@ def job_rm(job: dict) -> dict:
     tokenizer = models.load_tokenizer(job["model"])
     train, _ = split_heldout([t for t in read_tasks(job["tasks"]) if t.pairs()], job["heldout_fraction"], job["seed"])
     tokens = sum(len(reward_inputs(tokenizer, t.prompt, r, job["max_length"])) for t in train for r in t.responses)
-    return {"train_seconds": final["train_seconds"], "heldout_accuracy": final["heldout_accuracy_vs_labels"],
-            "tokens": tokens}
+    return {"train_seconds": final["train_seconds"], "tokens": tokens, "model_dir": job["out"]}
 
 
 def job_rm_eval(job: dict) -> dict:

@@ -8,9 +8,10 @@ Each iteration (REFERENCE §3–§4):
 3. rewards: per token −β·(log π − log π_ref), plus the RM score at the last response token; β fixed
    (InstructGPT: 0.02) or adaptive towards a target KL;
 4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked);
-5. update: `ppo_epochs` passes over shuffled minibatches (micro-batches accumulate): clipped policy loss,
-   clipped value loss on a separate value network initialised from the reward model, and with PPO-ptx a
-   pretraining-LM gradient γ_ptx·∇ log π(x) accumulated into the same step;
+5. update: `ppo_epochs` passes over shuffled minibatches: clipped policy loss and clipped value loss
+   (token means over the minibatch, on a separate value network initialised from the reward model), and
+   with PPO-ptx a pretraining-LM gradient γ_ptx·∇ log π(x) accumulated into the same step; micro-batches
+   (gradient accumulation) group episodes of similar lengths, so they carry little padding;
 6. optionally an EMA of the policy weights (InstructGPT: decay 0.992).
 
 The first `value_warmup_iterations` update only the value network, with an unclipped loss. The reward
