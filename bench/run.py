@@ -56,8 +56,7 @@ class Settings:
     sft_lr: float = 2e-5
     max_length: int = 384             # tokens of prompt + response (SFT and RM)
     rm_prompts: dict[int, int] = field(default_factory=lambda: {4: 96, 9: 32})  # per K: TRL's pairs grow as K²
-    rm_prompts_per_batch: int = 16    # instrugo optimiser step; TRL steps over pairs_per_batch pairs
-    rm_sequences_per_forward: int = 16  # both sides: ~16 sequences per forward pass
+    rm_sequences_per_forward: int = 16  # both sides: ~16 sequences per forward pass and per optimiser step
     rm_lr: float = 2e-5
     heldout_fraction: float = 0.1
     rm_test_prompts: int = 100        # per K: further prompts whose rankings only measure accuracy, both sides
@@ -71,7 +70,7 @@ class Settings:
 MODES = {
     "quick": Settings(models=["tiny"], ppo_models=["tiny"], repeats=1, ppo_response_length=16, ppo_updates=1,
                       ppo_prompts=16, sft_examples=64, sft_batch=8, sft_micro_batch=8, sft_lr=1e-3, max_length=256,
-                      rm_prompts={4: 48, 9: 48}, rm_prompts_per_batch=8, rm_lr=1e-3, heldout_fraction=0.25, rm_test_prompts=16,
+                      rm_prompts={4: 48, 9: 48}, rm_lr=1e-3, heldout_fraction=0.25, rm_test_prompts=16,
                       generate_rounds=2,
                       sample_batch=16, sample_response_length=32,
                       matmul_size=1024),
@@ -207,13 +206,15 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
     rows = []
     for k in s.rm_prompts:
         data = inputs[f"rm_k{k}"]
+        # An optimiser step over ~16 sequences on both sides: TRL's 8 pairs, instrugo's 16/K prompts of K.
+        prompts_per_batch = max(1, round(s.rm_sequences_per_forward / k))
         micro = max(1, s.rm_sequences_per_forward // k)
-        while s.rm_prompts_per_batch % micro:
+        while prompts_per_batch % micro:
             micro -= 1
         common = {"model": inputs["model"], "pad_token": inputs["pad_token"], "lr": s.rm_lr, "max_length": s.max_length,
                   "precision": precision, "seed": s.seed}
         ours = h.measure("instrugo", f"rm-k{k}-{model}", {"kind": "rm", **common, "tasks": data["tasks"],
-                                                         "prompts_per_batch": s.rm_prompts_per_batch,
+                                                         "prompts_per_batch": prompts_per_batch,
                                                          "micro_batch_prompts": micro,
                                                          "heldout_fraction": s.heldout_fraction}, s.train_repeats)
         theirs = h.measure("trl", f"rm-k{k}-{model}", {"kind": "rm", **common, "pairs": data["pairs_trl"],

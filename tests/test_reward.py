@@ -10,9 +10,9 @@ import torch
 from instrugo import losses, runio
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.models import load_tokenizer
+from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model, length_grouped_steps,
+                             load_reward_model, raw_scores, reward_inputs, run_reward, score_texts)
 from instrugo.sft import epoch_order
-from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model, load_reward_model,
-                             raw_scores, reward_inputs, run_reward, score_texts)
 
 
 def make_task(task_id, k, seed):
@@ -157,9 +157,10 @@ def test_score_texts_batches_by_length_and_returns_scores_in_the_callers_order(t
 
 
 def test_a_steps_forward_passes_go_in_order_of_length_and_its_loss_does_not_depend_on_them(tmp_path, monkeypatch):
-    """Each step's prompts are sorted by their longest sequence before they are cut into forward passes, so a
-    pass pads to a similar length; the step's prompts and its loss (a mean over prompts) stay the same for 1,
-    2 or 4 prompts per pass."""
+    """Steps group prompts of similar length (the epoch's 8 prompts: the 4 shortest form one step, the 4
+    longest the other), and a step's prompts go into forward passes in order of length, so a pass pads to a
+    similar length; the step's prompts and its loss (a mean over prompts) stay the same for 1, 2 or 4
+    prompts per pass."""
     import instrugo.reward as reward
 
     rng = random.Random(0)
@@ -193,9 +194,11 @@ def test_a_steps_forward_passes_go_in_order_of_length_and_its_loss_does_not_depe
     assert len(losses_by_micro[4]) == 2
     for micro in (2, 1):
         assert losses_by_micro[micro] == pytest.approx(losses_by_micro[4], rel=1e-4)
-    order = epoch_order(8, 0, 0)  # the steps' prompts in their shuffled order: rows p0..p7, none held out
+    width_of = {ids[0]: width for ids, width in passes_by_micro[1]}  # one prompt per pass: its own width
     steps_of_4 = [set(ids) for ids, _ in passes_by_micro[4]]
-    assert steps_of_4 == [{f"p{i}" for i in order[:4]}, {f"p{i}" for i in order[4:]}]
+    assert sorted(steps_of_4[0] | steps_of_4[1]) == sorted(f"p{i}" for i in range(8))
+    short_step, long_step = sorted(steps_of_4, key=lambda step: max(width_of[p] for p in step))
+    assert max(width_of[p] for p in short_step) <= min(width_of[p] for p in long_step)
     for micro in (2, 1):
         per_step = 4 // micro
         steps = passes_by_micro[micro]
@@ -204,3 +207,22 @@ def test_a_steps_forward_passes_go_in_order_of_length_and_its_loss_does_not_depe
             assert set().union(*(set(ids) for ids, _ in step)) == steps_of_4[s]
             widths = [w for _, w in step]
             assert widths == sorted(widths) and widths[0] < widths[-1]
+
+
+def test_length_grouped_steps_cover_the_epoch_once_with_steps_of_similar_length():
+    """20 examples, 3 per step, groups of 2 steps: each group of 6 consecutive examples of the epoch's
+    shuffle is sorted by length and cut into 2 steps, so a step never mixes groups and holds the group's
+    3 shortest or 3 longest; the 7 steps then come in a seeded shuffled order."""
+    lengths = [(7 * i) % 20 for i in range(20)]  # a permutation of 0..19: ranks are unambiguous
+    steps = length_grouped_steps(lengths, per_step=3, epoch=1, seed=5, group_steps=2)
+    assert sorted(i for step in steps for i in step) == list(range(20)) and len(steps) == 7
+    groups = [set(epoch_order(20, 1, 5)[start:start + 6]) for start in range(0, 20, 6)]
+    for step in steps:
+        assert [lengths[i] for i in step] == sorted(lengths[i] for i in step)
+        group = next(g for g in groups if step[0] in g)
+        assert set(step) <= group
+        ranks = sorted(lengths[i] for i in group)
+        assert {lengths[i] for i in step} in ({*ranks[:3]}, {*ranks[3:]})
+    assert length_grouped_steps(lengths, 3, 1, 5, 2) == steps  # a resumed run takes the same steps
+    assert length_grouped_steps(lengths, 3, 2, 5, 2) != steps
+    assert [s for s in steps if len(s) < 3] == [sorted(groups[-1], key=lambda i: lengths[i])]  # the 2 left over
