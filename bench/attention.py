@@ -3,7 +3,6 @@ backward of the default model at the sequence lengths the stages train on; and a
 by one (KV cache, packed linears), with one linear layer and one sampling draw alone: the measurements
 behind `generation.decode`, `generation.draw` and `models.packed_linears`.
 Usage: .venv/bin/python bench/attention.py"""
-import time
 
 import torch
 from transformers import DynamicCache

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from instrugo import losses, runio
-from instrugo.comparisons import ComparisonTask, read_tasks
+from instrugo.comparisons import ComparisonTask
 from instrugo.models import load_tokenizer
-from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model, length_grouped_steps,
+from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model,
                              load_reward_model, raw_scores, reward_inputs, run_reward, score_texts)
-from instrugo.sft import epoch_order
+from instrugo.training import epoch_order, length_grouped_steps
 
 
 def make_task(task_id, k, seed):

@@ -137,3 +137,27 @@ def test_a_steps_loss_and_gradient_do_not_depend_on_its_micro_batches(tmp_path):
     for row in logged[1:]:
         assert row["loss"] == pytest.approx(logged[0]["loss"], rel=1e-4)
         assert row["grad_norm"] == pytest.approx(logged[0]["grad_norm"], rel=1e-3)
+
+
+def test_micro_batches_hold_examples_of_neighbouring_lengths(tmp_path, monkeypatch):
+    """Steps are length-grouped (`training.length_grouped_steps`): 16 examples of 16 different lengths, steps
+    of 4 in micro-batches of 2, so every micro-batch holds two examples of adjacent length ranks, and every
+    example is trained on once."""
+    import instrugo.sft as sft
+
+    rows = [{"prompt": "Answer.", "response": " ".join(["word"] * (3 * n + 1))} for n in range(16)]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    micro_lengths = []
+    real_collate = sft.collate
+
+    def recording_collate(examples, pad_id, pad_side="right"):
+        micro_lengths.append(sorted(len(ids) for ids, _ in examples))
+        return real_collate(examples, pad_id, pad_side)
+
+    monkeypatch.setattr(sft, "collate", recording_collate)
+    run_sft(tiny_config(tmp_path, data, epochs=1.0, batch_size=4, micro_batch_size=2))
+    ranks = {length: rank for rank, length in enumerate(sorted(l for pair in micro_lengths for l in pair))}
+    assert len(ranks) == 16 and len(micro_lengths) == 8
+    assert sorted(ranks[pair[0]] for pair in micro_lengths) == list(range(0, 16, 2))
+    assert all(ranks[pair[1]] == ranks[pair[0]] + 1 for pair in micro_lengths)

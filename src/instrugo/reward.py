@@ -32,8 +32,7 @@ from instrugo import losses, models, training
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.config import option, require, to_dict
 from instrugo.generation import chat_prompt
-from instrugo.runio import InputError, MetricsLog, atomic_write_json, is_complete, mark_complete, update_json, format_percent
-from instrugo.sft import epoch_order
+from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete, update_json, format_percent
 
 
 @dataclass
@@ -214,23 +213,6 @@ def demonstration_bias(model, tokenizer, spec: str, n: int, precision: str, max_
 
 # ------------------------------------------------------------------------------------------- the loop
 
-def length_grouped_steps(lengths: list[int], per_step: int, epoch: int, seed: int, group_steps: int = 8) -> list[list[int]]:
-    """One epoch's optimiser steps as lists of example indices, each list sorted by length.
-
-    The epoch's shuffle is cut into groups of `group_steps` steps; each group is sorted by length and cut
-    into steps, and the steps are shuffled (as transformers' `group_by_length`). A step then holds examples
-    of similar lengths, so its forward passes pad little even when a step is one pass, while which
-    examples meet in a step stays random beyond their length. Deterministic in (epoch, seed), so a
-    resumed run takes exactly the steps it had not taken."""
-    order = epoch_order(len(lengths), epoch, seed)
-    steps = []
-    for start in range(0, len(order), group_steps * per_step):
-        group = sorted(order[start:start + group_steps * per_step], key=lambda i: lengths[i])
-        steps += [group[i:i + per_step] for i in range(0, len(group), per_step)]
-    random.Random(f"steps-{seed}-{epoch}").shuffle(steps)
-    return steps
-
-
 def run_reward(config: RewardConfig) -> Path:
     """Train a reward model on the labeled comparisons; returns the output directory."""
     out = Path(config.out)
@@ -279,8 +261,7 @@ def run_reward(config: RewardConfig) -> Path:
                dynamic_ncols=True)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
-        epoch, position = divmod(step, steps_per_epoch)
-        indices = length_grouped_steps(longest, config.prompts_per_batch, epoch, config.seed)[position]
+        indices = training.step_examples(step, longest, config.prompts_per_batch, config.seed)
         batch = [train[i] for i in indices][accelerator.process_index::world]
         micro_batches = [batch[i:i + config.micro_batch_prompts] for i in range(0, len(batch), config.micro_batch_prompts)]
         step_loss = step_accuracy = 0.0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,19 +112,6 @@ def response_logits_width(loss_mask: torch.Tensor) -> int:
     return loss_mask.shape[1] - max(0, first - 1)
 
 
-def epoch_order(n_examples: int, epoch: int, seed: int) -> list[int]:
-    """A fixed shuffle per epoch, so a resumed run sees exactly the examples it had not seen."""
-    order = list(range(n_examples))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return order
-
-
-def step_indices(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
-    steps_per_epoch = math.ceil(n_examples / batch_size)
-    epoch, position = divmod(step, steps_per_epoch)
-    return epoch_order(n_examples, epoch, seed)[position * batch_size:(position + 1) * batch_size]
-
-
 def run_sft(config: SFTConfig) -> Path:
     """Fine-tune `config.model` on `config.data`; returns the output directory."""
     from instrugo.data import load_examples
@@ -146,6 +132,7 @@ def run_sft(config: SFTConfig) -> Path:
     examples = [tokenize_example(tokenizer, r["messages"], r["response"], config.max_length) for r in records]
     skipped = sum(e is None for e in examples)
     examples = [e for e in examples if e is not None]
+    lengths = [len(ids) for ids, _ in examples]
     if not examples:
         raise InputError(config.data, f"no usable examples: every prompt is longer than max_length ({config.max_length})")
 
@@ -180,13 +167,11 @@ def run_sft(config: SFTConfig) -> Path:
                dynamic_ncols=True)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
-        step_batch = [examples[i] for i in step_indices(step, len(examples), config.batch_size, config.seed)]
+        step_batch = [examples[i] for i in training.step_examples(step, lengths, config.batch_size, config.seed)]
         # Every process knows the whole step, so each weighs its micro-batches by the step's token count:
         # the gradient is the token mean over the step whatever the processes' shares.
         n_tokens = sum(sum(mask) for _, mask in step_batch)
-        # Sorted by length, so a micro-batch pads to a similar length (docs/BENCHMARKS.md: the sft split's
-        # padding falls from 1.40x to 1.24x its tokens); which examples form the step does not change.
-        batch = sorted(step_batch, key=lambda example: len(example[0]))[accelerator.process_index::world]
+        batch = step_batch[accelerator.process_index::world]  # sorted by length: micro-batches pad little
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
         for index, micro in enumerate(micro_batches):

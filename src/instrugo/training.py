@@ -23,6 +23,38 @@ CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
 
 
+def epoch_order(n_examples: int, epoch: int, seed: int) -> list[int]:
+    """A fixed shuffle per epoch, so a resumed run sees exactly the examples it had not seen."""
+    order = list(range(n_examples))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
+
+
+def length_grouped_steps(lengths: list[int], per_step: int, epoch: int, seed: int, group_steps: int = 8) -> list[list[int]]:
+    """One epoch's optimiser steps as lists of example indices, each list sorted by length.
+
+    The epoch's shuffle is cut into groups of `group_steps` steps; each group is sorted by length and cut
+    into steps, and the steps are shuffled (as transformers' `group_by_length`). A step then holds examples
+    of similar lengths, so its micro-batches pad little (on the InstruGo `sft` split at the demo's settings,
+    1.04x the real tokens against 1.24x for a shuffled step sorted within itself: bench/sft_padding.py),
+    while which examples meet in a step stays random beyond their length. Deterministic in (epoch, seed),
+    so a resumed run takes exactly the steps it had not taken."""
+    order = epoch_order(len(lengths), epoch, seed)
+    steps = []
+    for start in range(0, len(order), group_steps * per_step):
+        group = sorted(order[start:start + group_steps * per_step], key=lambda i: lengths[i])
+        steps += [group[i:i + per_step] for i in range(0, len(group), per_step)]
+    random.Random(f"steps-{seed}-{epoch}").shuffle(steps)
+    return steps
+
+
+def step_examples(step: int, lengths: list[int], per_step: int, seed: int) -> list[int]:
+    """The examples of optimiser step `step`, counted across epochs (`length_grouped_steps`). The epoch's
+    grouping is recomputed each step: a sort of the example lengths, negligible beside a step."""
+    epoch, position = divmod(step, math.ceil(len(lengths) / per_step))
+    return length_grouped_steps(lengths, per_step, epoch, seed)[position]
+
+
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     """An Accelerator with bf16 autocast when `precision == "bf16"` (fp32 master weights either way)."""
     from accelerate import Accelerator
