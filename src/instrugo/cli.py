@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import typing
 from pathlib import Path
@@ -38,9 +39,11 @@ def build_config(config_cls: type, preset: str | None, file_values: dict[str, An
 
 
 def stage_command(target: typer.Typer, name: str, config_cls: type, run: Callable[..., Any], help: str,
-                  with_sections: bool = False) -> None:
+                  with_sections: bool = False, multi_process: bool = False) -> None:
     """Register `name` on `target` with one option per field of `config_cls`. With `with_sections`, the
-    YAML file may also hold per-stage sections, passed on to `run` with the preset name."""
+    YAML file may also hold per-stage sections, passed on to `run` with the preset name. Only commands
+    marked `multi_process` may run under a multi-process launch; the others would write the same files
+    from every process."""
     parameters = [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                           default=typer.Option(None, "--config", help="YAML file of settings (keys as the flags, with _).")),
@@ -64,6 +67,10 @@ def stage_command(target: typer.Typer, name: str, config_cls: type, run: Callabl
                                             default=typer.Option(None, *declaration, help=text, show_default=False)))
 
     def command(config_file: Path | None = None, preset: str | None = None, **flags: Any) -> None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not multi_process:
+            raise InputError(name, f"runs in one process, not under a launch of {world_size} (WORLD_SIZE); only "
+                                   "sft, rm, ppo and run train on several")
         file_values = load_yaml(config_file) if config_file is not None else {}
         source = str(config_file or "command line")
         if not with_sections:
@@ -93,23 +100,26 @@ def _register() -> None:
 
     app.add_typer(data_app, name="data", help="The InstruGo dataset and your own data: stats, validate, export.")
     stage_command(app, "sft", SFTConfig, run_sft,
-                  "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
+                  "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).",
+                  multi_process=True)
     stage_command(app, "sample", SampleConfig, run_sample,
                   "Sample K responses per prompt from a policy as comparison tasks to rank.")
     stage_command(label_app, "simulate", SimulateConfig, run_simulate,
                   "Rank comparison tasks with the seeded pool of simulated labelers (noisy, like people).")
     app.add_typer(label_app, name="label", help="Rankings: the labeling web app, its admin side, and simulated labelers.")
     stage_command(app, "rm", RewardConfig, run_reward,
-                  "Step 2: train the reward model on K-way rankings (all pairs of a prompt in one batch element).")
+                  "Step 2: train the reward model on K-way rankings (all pairs of a prompt in one batch element).",
+                  multi_process=True)
     stage_command(app, "ppo", PPOConfig, run_ppo,
-                  "Step 3: PPO against the reward model with a per-token KL penalty; PPO-ptx with --ptx-coef.")
+                  "Step 3: PPO against the reward model with a per-token KL penalty; PPO-ptx with --ptx-coef.",
+                  multi_process=True)
     stage_command(app, "eval", EvalConfig, run_eval,
                   "Generate on held-out prompts and score with the gold judge; writes eval.json.")
     stage_command(app, "report", ReportConfig, run_report,
                   "Write RUN_DIR/report.html (plots and tables) from eval.json and the stages' metrics.")
     stage_command(app, "run", RunConfig, run_pipeline,
                   "The whole loop: SFT, then rounds of sample, label, RM and PPO; evaluation and report.",
-                  with_sections=True)
+                  with_sections=True, multi_process=True)
 
 
 _register()

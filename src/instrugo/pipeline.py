@@ -100,8 +100,11 @@ def stage_config(cls: type, preset: dict, overrides: dict, fixed: dict, source: 
 
 def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str, dict] | None = None,
                  source: str = "config") -> Path:
-    """Run (or resume) the loop in `config.out`; returns the run directory."""
-    from instrugo import evaluate, labelers, ppo, reward, sample, sft
+    """Run (or resume) the loop in `config.out`; returns the run directory.
+
+    Under a multi-process launch (torchrun, `accelerate launch`) every process trains (SFT, RM, PPO), and
+    the main process alone samples, labels, evaluates and writes the report while the others wait."""
+    from instrugo import evaluate, labelers, ppo, reward, sample, sft, training
 
     sections = sections or {}
     unknown = set(sections) - set(STAGE_SECTIONS)
@@ -110,24 +113,30 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     presets = STAGE_PRESETS[preset]
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
+    processes = training.process_state()
+    main = processes.is_main_process
 
-    def timed(name: str, stage_dir: Path | None, fn, *args):
+    def timed(name: str, stage_dir: Path | None, fn, *args, every_process: bool = False):
+        """Run a stage (on every process when it trains, else on the main one) and record its seconds."""
         if stage_dir is not None and is_complete(stage_dir):
-            print(f"run: {name} already complete ({stage_dir})")
+            if main:
+                print(f"run: {name} already complete ({stage_dir})")
             return stage_dir
-        print(f"run: {name}")
+        if main:
+            print(f"run: {name}")
         started = time.perf_counter()
-        result = fn(*args)
-        seconds[name] = round(time.perf_counter() - started, 1)
-        update_json(run_dir / "eval.json", {"seconds": {name: seconds[name]}})
+        result = fn(*args) if every_process or main else None
+        processes.wait_for_everyone()
+        if main:
+            update_json(run_dir / "eval.json", {"seconds": {name: round(time.perf_counter() - started, 1)}})
         return result
 
     def make(name: str, cls: type, **fixed):
         return stage_config(cls, presets.get(name, {}), sections.get(name, {}), fixed, f"{source} [{name}]")
 
     sft_dir = run_dir / "sft"
-    timed("sft", sft_dir, sft.run_sft, make("sft", sft.SFTConfig, model=config.model, out=str(sft_dir), seed=config.seed))
+    timed("sft", sft_dir, sft.run_sft, make("sft", sft.SFTConfig, model=config.model, out=str(sft_dir), seed=config.seed),
+          every_process=True)
 
     labeled_files: list[str] = []
     newest = {variant: str(sft_dir) for variant in config.variants}
@@ -143,17 +152,18 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
                 seed=config.seed + round_number, id_prefix=f"r{round_number}"))
         if not labeled.exists():
             if config.labels == "human":
-                wait_for_human_labels(tasks, labeled)
+                wait_for_human_labels(tasks, labeled, main)
             label_config = make("label", labelers.LabelerConfig, seed=config.seed + round_number)
             report = timed(f"round{round_number}/label", None, labelers.simulate_command, str(tasks), str(labeled),
                            label_config)
-            update_json(run_dir / "eval.json", {"labelers": {f"round{round_number}": report}})
+            if main:
+                update_json(run_dir / "eval.json", {"labelers": {f"round{round_number}": report}})
         labeled_files.append(str(labeled))
 
         rm_dir = round_dir / "rm"
         timed(f"round{round_number}/rm", rm_dir, reward.run_reward, make(
             "rm", reward.RewardConfig, model=str(sft_dir), comparisons=list(labeled_files), out=str(rm_dir),
-            eval_json=str(run_dir / "eval.json"), seed=config.seed))
+            eval_json=str(run_dir / "eval.json"), seed=config.seed), every_process=True)
         for variant in config.variants:
             ppo_dir = round_dir / variant
             ptx = {} if variant == "ppo_ptx" else {"ptx_coef": 0.0}
@@ -162,7 +172,7 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
                                       dict(policy=newest[variant], reference=str(sft_dir), reward_model=str(rm_dir),
                                            out=str(ppo_dir), seed=config.seed + round_number, **ptx),
                                       f"{source} [ppo]")
-            timed(f"round{round_number}/{variant}", ppo_dir, ppo.run_ppo, ppo_config)
+            timed(f"round{round_number}/{variant}", ppo_dir, ppo.run_ppo, ppo_config, every_process=True)
             newest[variant] = str(ppo_dir)
 
     policies = [f"base={config.model}", f"sft={sft_dir}"] + [f"{v}={newest[v]}" for v in config.variants]
@@ -170,17 +180,20 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
                        max_prompts=config.eval_prompts, seed=config.seed,
                        best_of=config.best_of, reward_model=str(run_dir / f"round{config.rounds}" / "rm"))
     timed("eval", None, evaluate.run_eval, eval_config)
-    from instrugo.report import write_report
+    if main:
+        from instrugo.report import write_report
 
-    report = write_report(run_dir)
-    print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}")
+        report = write_report(run_dir)
+        print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}")
     return run_dir
 
 
-def wait_for_human_labels(tasks: Path, labeled: Path) -> None:
-    """Stop the run with instructions; re-running the same command continues once labels exist."""
+def wait_for_human_labels(tasks: Path, labeled: Path, say: bool = True) -> None:
+    """Stop the run with instructions (every process stops; `say`: this one prints them); re-running the
+    same command continues once labels exist."""
     db = tasks.parent / "labels.sqlite"
-    print(f"""run: waiting for human labels of {tasks}.
+    if say:
+        print(f"""run: waiting for human labels of {tasks}.
   1. instrugo label import --db {db} {tasks}
   2. instrugo label add-labeler --db {db} NAME      (prints the labeler's token; one per person)
   3. instrugo label serve --db {db}                 (labelers open http://127.0.0.1:8000 and rank)

@@ -530,7 +530,7 @@ def run_ppo(config: PPOConfig) -> Path:
         training.save_pretrained_files(final_policy, tokenizer, out)
         training.save_pretrained_files(accelerator.unwrap_model(value).classifier, tokenizer, out / "value")
         mark_complete(out, {"stage": "ppo", "iterations": iterations, "episodes": iterations * config.episodes_per_batch,
-                            "ptx_coef": config.ptx_coef, "ema": bool(ema)})
+                            "ptx_coef": config.ptx_coef, "ema": bool(ema), "processes": world})
         training.remove_checkpoint(out)
         print(f"ppo: policy written to {out}" + (f" (EMA weights in {out / 'ema'})" if ema else ""))
     return out

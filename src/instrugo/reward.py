@@ -305,7 +305,7 @@ def run_reward(config: RewardConfig) -> Path:
         final.config.reward_max_length = config.max_length
         training.save_pretrained_files(final, tokenizer, out)
         summary = {**result, "n_comparisons": n_comparisons, "n_prompts": len(tasks), "reward_bias": bias,
-                   "train_seconds": round(train_seconds, 2), "expand_pairs": config.expand_pairs,
+                   "train_seconds": round(train_seconds, 2), "expand_pairs": config.expand_pairs, "processes": world,
                    "path": str(out)}
         metrics.log({"step": total_steps, "final": True, **summary})
         update_json(Path(config.eval_json) if config.eval_json else out.parent / "eval.json",

@@ -103,17 +103,24 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():  # else `old` may be the only complete copy left by an earlier kill: keep it
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(final.parent)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the fully written directory `staged` in the place of `final` by renames. A kill between them
+    leaves the previous `final` as `.NAME.old`, which readers of checkpoints fall back to."""
+    staged, final = Path(staged), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():  # else `old` may be the only complete copy left by an earlier kill: keep it
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
 
 
 class MetricsLog:

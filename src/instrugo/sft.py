@@ -211,7 +211,7 @@ def run_sft(config: SFTConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         training.save_pretrained_files(accelerator.unwrap_model(model), tokenizer, out)
-        mark_complete(out, {"stage": "sft", "steps": total_steps, "examples": len(examples),
+        mark_complete(out, {"stage": "sft", "steps": total_steps, "examples": len(examples), "processes": world,
                             "base_model": str(models.resolve_model(config.model))})
         training.remove_checkpoint(out)
         print(f"sft: model written to {out}")

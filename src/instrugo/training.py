@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from instrugo import models
-from instrugo.runio import InputError, atomic_directory, atomic_write_json, read_json
+from instrugo.runio import InputError, atomic_directory, atomic_write_json, read_json, replace_directory
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -55,6 +55,19 @@ def step_examples(step: int, lengths: list[int], per_step: int, seed: int) -> li
     return length_grouped_steps(lengths, per_step, epoch, seed)[position]
 
 
+def process_state():
+    """This process's place in a multi-process launch (torchrun, `accelerate launch`); one process otherwise.
+
+    Without a GPU, accelerate joins the launched processes only when told the run is on CPU; otherwise each
+    would train alone, believing itself the main one. The first call sets up the process group; its 24-hour
+    timeout lets the other processes wait while the main one runs a stage alone (sampling, evaluation)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+
+
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     """An Accelerator with bf16 autocast when `precision == "bf16"` (fp32 master weights either way)."""
     from accelerate import Accelerator
@@ -65,8 +78,9 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     # process-level state (the distributed setup) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    state = process_state()
     # Schedules are defined per optimiser step; accelerate would otherwise step them once per process.
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=state.device.type == "cpu",
                        gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
 
 
@@ -99,19 +113,29 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, final_fr
 
 
 def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Save model, optimiser, scheduler and RNG states plus `state` (step counters) atomically."""
+    """Save model, optimiser, scheduler and RNG states plus `state` (step counters) atomically.
+
+    Every process takes part: accelerate writes the model and optimiser from the main process and each
+    process's RNG state from that process, into one staging directory the main process then swaps in."""
+    final = Path(out_dir) / CHECKPOINT_DIR
+    staging = final.with_name(f".{CHECKPOINT_DIR}.staging")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # accelerate warns on every save that tied embeddings are stored once; that is expected here.
-        tied_weights_warning = logging.getLogger("accelerate.utils.other")
-        level = tied_weights_warning.level
-        tied_weights_warning.setLevel(logging.ERROR)
-        try:
-            with atomic_directory(Path(out_dir) / CHECKPOINT_DIR) as tmp:
-                accelerator.save_state(str(tmp))
-                atomic_write_json(tmp / TRAINER_STATE, state)
-        finally:
-            tied_weights_warning.setLevel(level)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a kill during an earlier save
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # accelerate warns on every save that tied embeddings are stored once; that is expected here.
+    tied_weights_warning = logging.getLogger("accelerate.utils.other")
+    level = tied_weights_warning.level
+    tied_weights_warning.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(staging))
+    finally:
+        tied_weights_warning.setLevel(level)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(staging / TRAINER_STATE, state)
+        replace_directory(staging, final)
     accelerator.wait_for_everyone()
 
 
@@ -137,7 +161,7 @@ def record_settings(out_dir: str | os.PathLike, stage: str, settings: dict[str, 
 def load_checkpoint(accelerator, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Restore the last checkpoint in `out_dir` into the prepared objects; None when there is none.
 
-    A kill between the two renames of `atomic_directory` leaves only the previous checkpoint, under
+    A kill between the two renames of `replace_directory` leaves only the previous checkpoint, under
     its `.old` name: that one is used then."""
     checkpoint = Path(out_dir) / CHECKPOINT_DIR
     if not (checkpoint / TRAINER_STATE).exists():
