@@ -1,5 +1,5 @@
-"""Multi-process launches on CPU (torchrun, as `accelerate launch` uses): two processes that share each
-step's examples must train what one process trains, and checkpoints must hold every process's state."""
+"""Multi-process launches on CPU (torchrun): two processes that share each step's examples must train what
+one process trains, and checkpoints must hold every process's state."""
 
 import json
 import os

@@ -102,7 +102,7 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
                  source: str = "config") -> Path:
     """Run (or resume) the loop in `config.out`; returns the run directory.
 
-    Under a multi-process launch (torchrun, `accelerate launch`) every process trains (SFT, RM, PPO), and
+    Under a multi-process launch (`torchrun --nproc_per_node N`) every process trains (SFT, RM, PPO), and
     the main process alone samples, labels, evaluates and writes the report while the others wait."""
     from instrugo import evaluate, labelers, ppo, reward, sample, sft, training
 

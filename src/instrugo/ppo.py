@@ -7,7 +7,8 @@ Each iteration (REFERENCE §3–§4):
    policy's tokens in one forward pass each;
 3. rewards: per token −β·(log π − log π_ref), plus the RM score at the last response token; β fixed
    (InstructGPT: 0.02) or adaptive towards a target KL;
-4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked);
+4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked; under a multi-process launch, over
+   each process's share of it);
 5. update: `ppo_epochs` passes over shuffled minibatches: clipped policy loss and clipped value loss
    (token means over the minibatch, on a separate value network initialised from the reward model), and
    with PPO-ptx a pretraining-LM gradient γ_ptx·∇ log π(x) accumulated into the same step; micro-batches

@@ -56,7 +56,7 @@ def step_examples(step: int, lengths: list[int], per_step: int, seed: int) -> li
 
 
 def process_state():
-    """This process's place in a multi-process launch (torchrun, `accelerate launch`); one process otherwise.
+    """This process's place in a multi-process launch (`torchrun --nproc_per_node N`); one process otherwise.
 
     Without a GPU, accelerate joins the launched processes only when told the run is on CPU; otherwise each
     would train alone, believing itself the main one. The first call sets up the process group; its 24-hour
