@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instrugo import runio
+from instrugo import runio, training
 from instrugo.cli import main
+from instrugo.runio import InputError
 from test_reward import synthetic_rankings
 from test_sft import write_demonstrations
 
@@ -22,7 +23,7 @@ def launch(args, cwd, processes=2, module=True):
     torchrun; return the launch's output."""
     target = ["-m", "instrugo.cli", *args] if module else args
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *target]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -36,9 +37,10 @@ def assert_same_weights(a, b, atol):
 
 
 def test_two_processes_train_sft_as_one(tmp_path):
-    """Each step's 4 examples split 2 + 2 over two processes give the step's loss and gradient of one process
-    holding all 4: same logged losses, same weights after 9 steps (fp32; only the sums' order differs)."""
-    data = write_demonstrations(tmp_path / "demos.jsonl")
+    """Steps of 4, 4 and 1 examples split over two processes (2 + 2, and 1 + none: the empty process runs a
+    zero-weighted pass so the gradient all-reduce lines up) give the loss and gradient of one process holding
+    the whole step: same logged losses, same weights after 9 steps (fp32; only the sums' order differs)."""
+    data = write_demonstrations(tmp_path / "demos.jsonl", n=9)
     args = ["sft", "--model", "tiny", "--data", str(data), "--epochs", "3", "--lr", "1e-2", "--batch-size", "4",
             "--micro-batch-size", "2", "--max-length", "96", "--precision", "fp32"]
     launch(args + ["--out", str(tmp_path / "two")], tmp_path)
@@ -54,14 +56,18 @@ def test_two_processes_train_sft_as_one(tmp_path):
 
 
 def test_two_processes_train_the_reward_model_as_one(tmp_path):
-    data = synthetic_rankings(tmp_path / "ranked.jsonl", n_prompts=24, k=4)
+    """16 training prompts in steps of 5, 5, 5 and 1: split 3 + 2 (each prompt still weighs 1/5 of its step)
+    and 1 + none."""
+    data = synthetic_rankings(tmp_path / "ranked.jsonl", n_prompts=21, k=4)
     args = ["rm", "--model", "tiny", "--comparisons", str(data), "--epochs", "1", "--lr", "2e-3",
-            "--prompts-per-batch", "8", "--micro-batch-prompts", "2", "--max-length", "64",
+            "--prompts-per-batch", "5", "--micro-batch-prompts", "1", "--max-length", "64",
             "--heldout-fraction", "0.25", "--normalize-data", "", "--precision", "fp32"]
     launch(args + ["--out", str(tmp_path / "two" / "rm")], tmp_path)
     launch(args + ["--out", str(tmp_path / "one" / "rm")], tmp_path, processes=1)
     two, one = (runio.read_metrics(tmp_path / name / "rm" / "metrics.jsonl") for name in ("two", "one"))
-    assert len(two) == len(one) == 3 + 1  # two steps of 8 prompts, one of 2, then the final summary
+    assert len(two) == len(one) == 4 + 1  # the steps, then the final summary
+    assert [r["prompts"] for r in two[:-1]] == [r["prompts"] for r in one[:-1]] and sorted(
+        r["prompts"] for r in one[:-1]) == [1, 5, 5, 5]
     for a, b in zip(two[:-1], one[:-1]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1e-6)
@@ -104,6 +110,9 @@ def test_a_checkpoint_restores_every_processs_random_state(tmp_path):
         assert d["resumed"] == d["expected"]
     assert sorted(p.name for p in (tmp_path / "checkpoint").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+    # One process cannot continue it: the second process's share and random stream would be lost.
+    with pytest.raises(InputError, match="field 'processes': saved by 2 process"):
+        training.load_checkpoint(training.make_accelerator("fp32"), tmp_path)
 
 
 def test_run_trains_on_every_process_and_evaluates_once(tmp_path):

@@ -116,6 +116,8 @@ def test_checkpoint_left_only_under_its_old_name_is_still_found(tmp_path):
     runio.atomic_write_json(old / TRAINER_STATE, {"step": 7})
 
     class FakeAccelerator:
+        num_processes = 1
+
         def load_state(self, path):
             self.loaded = path
 

@@ -274,7 +274,7 @@ def run_ppo(config: PPOConfig) -> Path:
     if is_complete(out):
         print(f"ppo: {out} is complete; nothing to do")
         return out
-    precision = models.setup_compute(config.precision)
+    precision = training.agreed_precision(config.precision)
     accelerator = training.make_accelerator(precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     require(config.episodes_per_batch % (world * config.minibatches) == 0, "episodes_per_batch",
@@ -289,6 +289,9 @@ def run_ppo(config: PPOConfig) -> Path:
         unjudged = next((i for i, r in enumerate(records) if r.get("constraints") is None), None)
         if unjudged is not None:
             raise InputError(config.prompts, "--reward gold needs constraints on every prompt", unjudged + 1, "constraints")
+    # Decided once for the prompt set, so that every process logs (and gathers) the same columns.
+    judge_rollouts = config.reward == "gold" or (config.gold_judge and all(r.get("constraints") is not None
+                                                                            for r in records))
     prompt_ids = encode_prompts(tokenizer, [r["messages"] for r in records])
     # The longest sequence the four models will read picks their attention kernel (models.py).
     longest = max(len(ids) for ids in prompt_ids) + config.max_new_tokens
@@ -380,7 +383,7 @@ def run_ppo(config: PPOConfig) -> Path:
 
         # 2. score: RM (or the gold judge) on text; policy, reference and value on the policy's tokens
         verdicts = None
-        if config.reward == "gold" or (config.gold_judge and all(r.get("constraints") is not None for r in batch_records)):
+        if judge_rollouts:
             verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
         query, query_mask = left_pad([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
         response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
@@ -433,11 +436,12 @@ def run_ppo(config: PPOConfig) -> Path:
                 # The minibatch's losses are token means over all of it, so how its episodes are grouped
                 # into micro-batches changes no gradient: group them by length, to cut padding.
                 minibatch = by_response_length(rollout, permutation[m * minibatch_size:(m + 1) * minibatch_size])
-                minibatch_tokens = rollout.response_mask[minibatch].sum()
+                # Summed over the processes: their gradients are averaged, hence the factor world below.
+                minibatch_tokens = accelerator.reduce(rollout.response_mask[minibatch].sum(), "sum")
                 micro_indices = minibatch.split(config.micro_batch_size)
                 for index, micro_index in enumerate(micro_indices):
                     micro = rollout.select(micro_index)
-                    token_share = micro.response_mask.sum() / minibatch_tokens
+                    token_share = world * micro.response_mask.sum() / minibatch_tokens
                     episode_share = len(micro_index) / len(minibatch)
                     last = index == len(micro_indices) - 1
                     sync = contextlib.nullcontext() if last else contextlib.ExitStack()
@@ -480,7 +484,10 @@ def run_ppo(config: PPOConfig) -> Path:
                     latest["value"] = value_loss.item()
                     stats["value_loss"].append(latest["value"])
                     stats["value_clipfrac"].append(value_clipfrac)
-                    if not all(math.isfinite(loss) for loss in latest.values()):
+                    finite = all(math.isfinite(loss) for loss in latest.values())
+                    if world > 1:  # all processes stop together, none left waiting in a collective
+                        finite = accelerator.reduce(torch.tensor(float(finite), device=device), "sum").item() == world
+                    if not finite:
                         raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} ("
                                          + ", ".join(f"{name} {loss}" for name, loss in latest.items())
                                          + f"); the last checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
@@ -497,22 +504,25 @@ def run_ppo(config: PPOConfig) -> Path:
         timings["train"] = time.perf_counter() - clock
 
         # Logging: what the run optimises (RM score), what it pays (KL), and the gold truth when known
-        # (with --reward gold, the gold score is what it optimises).
-        kl_per_response = (kl * response_mask).sum(-1)
-        mean_kl = accelerator.gather(kl_per_response).mean().item()
+        # (with --reward gold, the gold score is what it optimises); means over all processes' episodes.
+        def batch_mean(per_episode: torch.Tensor) -> float:
+            return accelerator.gather(per_episode.float().to(device)).mean().item()
+
+        mean_kl = batch_mean((kl * response_mask).sum(-1))
         kl_control.update(mean_kl, config.episodes_per_batch)
         row = {"step": iteration + 1, "episodes": (iteration + 1) * config.episodes_per_batch,
-               **({} if config.reward == "gold" else {"rm_score": accelerator.gather(raw_scores).mean().item()}),
-               "score_with_penalty": accelerator.gather(scores).mean().item(),
+               **({} if config.reward == "gold" else {"rm_score": batch_mean(raw_scores)}),
+               "score_with_penalty": batch_mean(scores),
                "kl": mean_kl, "sqrt_kl": math.sqrt(max(0.0, mean_kl)),
-               "kl_coef": kl_control.value, "no_eos_rate": 1 - has_eos.float().mean().item(),
-               "response_length": response_mask.sum(-1).mean().item(),
+               "kl_coef": kl_control.value, "no_eos_rate": 1 - batch_mean(has_eos),
+               "response_length": batch_mean(response_mask.sum(-1)),
                "lr": policy_schedule.get_last_lr()[0],
-               **{k: sum(v) / len(v) for k, v in stats.items() if v},
+               **{k: accelerator.reduce(torch.tensor(sum(v) / len(v), device=device), "mean").item()
+                  for k, v in stats.items() if v},
                **{f"seconds_{k}": round(v, 3) for k, v in timings.items()}}
         if verdicts is not None:
-            row["gold_score"] = sum(v.score for v in verdicts) / len(verdicts)
-            row["gold_pass_rate"] = sum(v.all_passed for v in verdicts) / len(verdicts)
+            row["gold_score"] = batch_mean(torch.tensor([v.score for v in verdicts]))
+            row["gold_pass_rate"] = batch_mean(torch.tensor([v.all_passed for v in verdicts]))
         metrics.log(row)
         bar.set_postfix(rm=f"{row.get('rm_score', float('nan')):.3f}", kl=f"{mean_kl:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
         bar.update(1)

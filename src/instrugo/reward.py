@@ -226,7 +226,7 @@ def run_reward(config: RewardConfig) -> Path:
     train, heldout = split_heldout(tasks, config.heldout_fraction, config.seed)
     if config.expand_pairs:
         train = expand_to_pairs(train)
-    precision = models.setup_compute(config.precision)
+    precision = training.agreed_precision(config.precision)
     accelerator = training.make_accelerator(precision)
     world = accelerator.num_processes
     training.seed_everything(config.seed, accelerator.process_index)
@@ -262,7 +262,7 @@ def run_reward(config: RewardConfig) -> Path:
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         indices = training.step_examples(step, longest, config.prompts_per_batch, config.seed)
-        batch = [train[i] for i in indices][accelerator.process_index::world]
+        batch, weight = training.process_share([train[i] for i in indices], accelerator.process_index, world)
         micro_batches = [batch[i:i + config.micro_batch_prompts] for i in range(0, len(batch), config.micro_batch_prompts)]
         step_loss = step_accuracy = 0.0
         for index, micro in enumerate(micro_batches):
@@ -270,12 +270,14 @@ def run_reward(config: RewardConfig) -> Path:
             with sync, accelerator.autocast():
                 scores, levels, valid = batch_scores(model, tokenizer, micro, config.max_length)
                 loss, accuracy = losses.kway_ranking_loss(scores, levels, valid)
-                share = len(micro) / len(batch)  # the step's loss is the mean over its prompts
-                accelerator.backward(loss * share)
+                # The step's loss is the mean over all its prompts, whatever the processes' shares (their
+                # gradients are averaged, hence the factor world).
+                share = weight * len(micro) / len(indices)
+                accelerator.backward(loss * share * world)
             step_loss += loss.item() * share
             step_accuracy += float(accuracy) * share
-        if world > 1:  # log the step's mean over all processes' prompts, not process 0's
-            step_loss, step_accuracy = (accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+        if world > 1:
+            step_loss, step_accuracy = (accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum").item()
                                         for v in (step_loss, step_accuracy))
         if not math.isfinite(step_loss):
             raise SystemExit(f"rm: loss is {step_loss} at step {step}; last checkpoint kept in {out}")
@@ -285,7 +287,7 @@ def run_reward(config: RewardConfig) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         metrics.log({"step": step + 1, "loss": round(step_loss, 5), "train_accuracy": round(step_accuracy, 4),
-                     "lr": scheduler.get_last_lr()[0], "prompts": len(batch) * world,
+                     "lr": scheduler.get_last_lr()[0], "prompts": len(indices),
                      "seconds": round(time.perf_counter() - started, 3)})
         bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_accuracy:.2f}")
         bar.update(1)

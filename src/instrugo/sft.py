@@ -120,7 +120,7 @@ def run_sft(config: SFTConfig) -> Path:
     if is_complete(out):
         print(f"sft: {out} is complete; nothing to do")
         return out
-    precision = models.setup_compute(config.precision)
+    precision = training.agreed_precision(config.precision)
     accelerator = training.make_accelerator(precision)
     world = accelerator.num_processes
     training.seed_everything(config.seed, accelerator.process_index)
@@ -171,7 +171,8 @@ def run_sft(config: SFTConfig) -> Path:
         # Every process knows the whole step, so each weighs its micro-batches by the step's token count:
         # the gradient is the token mean over the step whatever the processes' shares.
         n_tokens = sum(sum(mask) for _, mask in step_batch)
-        batch = step_batch[accelerator.process_index::world]  # sorted by length: micro-batches pad little
+        # Sorted by length, so micro-batches pad little.
+        batch, weight = training.process_share(step_batch, accelerator.process_index, world)
         micro_batches = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         step_loss = 0.0
         for index, micro in enumerate(micro_batches):
@@ -184,7 +185,7 @@ def run_sft(config: SFTConfig) -> Path:
                                position_ids=tensors["position_ids"], logits_to_keep=width).logits
                 loss = losses.response_lm_loss(logits.float(), tensors["input_ids"][:, -width:],
                                                tensors["loss_mask"][:, -width:])
-                share = tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
+                share = weight * tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
                 accelerator.backward(loss * share * world)  # processes' gradients are averaged, not summed
             step_loss += loss.item() * share
         if world > 1:

@@ -55,6 +55,14 @@ def step_examples(step: int, lengths: list[int], per_step: int, seed: int) -> li
     return length_grouped_steps(lengths, per_step, epoch, seed)[position]
 
 
+def process_share(step_items: list, rank: int, world: int) -> tuple[list, float]:
+    """This process's share of an optimiser step's items and the weight its losses get: 1, or, when the step
+    has fewer items than processes and this one gets none, one stand-in item weighted 0, because every
+    process must run a forward and backward pass for the gradient all-reduce to line up."""
+    share = step_items[rank::world]
+    return (share, 1.0) if share else (step_items[:1], 0.0)
+
+
 def process_state():
     """This process's place in a multi-process launch (`torchrun --nproc_per_node N`); one process otherwise.
 
@@ -66,6 +74,17 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+
+
+def agreed_precision(requested: str) -> str:
+    """`models.setup_compute` for a training stage: under a multi-process launch the main process's probe
+    decides 'auto' for all (probes timed at once on shared cores could disagree, and the processes must
+    compute alike)."""
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    precision = models.setup_compute(requested if state.is_main_process or requested != "auto" else "fp32")
+    return broadcast_object_list([precision])[0] if state.num_processes > 1 else precision
 
 
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
@@ -134,7 +153,7 @@ def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, An
         tied_weights_warning.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(staging / TRAINER_STATE, state)
+        atomic_write_json(staging / TRAINER_STATE, {**state, "processes": accelerator.num_processes})
         replace_directory(staging, final)
     accelerator.wait_for_everyone()
 
@@ -162,14 +181,20 @@ def load_checkpoint(accelerator, out_dir: str | os.PathLike) -> dict[str, Any] |
     """Restore the last checkpoint in `out_dir` into the prepared objects; None when there is none.
 
     A kill between the two renames of `replace_directory` leaves only the previous checkpoint, under
-    its `.old` name: that one is used then."""
+    its `.old` name: that one is used then. A checkpoint resumes only in as many processes as saved it:
+    each process's share of the data and its random state depend on the count."""
     checkpoint = Path(out_dir) / CHECKPOINT_DIR
     if not (checkpoint / TRAINER_STATE).exists():
         checkpoint = Path(out_dir) / f".{CHECKPOINT_DIR}.old"
     if not (checkpoint / TRAINER_STATE).exists():
         return None
+    state = read_json(checkpoint / TRAINER_STATE)
+    saved_by = state.pop("processes", 1)
+    if saved_by != accelerator.num_processes:
+        raise InputError(checkpoint / TRAINER_STATE, f"saved by {saved_by} process(es); resume it with as many, "
+                         f"not {accelerator.num_processes}, or choose another --out", field="processes")
     accelerator.load_state(str(checkpoint))
-    return read_json(checkpoint / TRAINER_STATE)
+    return state
 
 
 def remove_checkpoint(out_dir: str | os.PathLike) -> None:
