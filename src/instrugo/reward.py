@@ -46,7 +46,8 @@ class RewardConfig:
     epochs: float = option(1.0, "Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = option(9e-6, "Peak learning rate (InstructGPT: 9e-6).")
     lr_final_fraction: float = option(0.1, "Cosine decay ends at this fraction of lr.")
-    prompts_per_batch: int = option(64, "Prompts per optimiser step (InstructGPT: 64).")
+    prompts_per_batch: int = option(64, "Prompts per optimiser step (InstructGPT: 64, for tens of thousands of "
+                                        "prompts; on a few hundred, 1-4 learn more per epoch).")
     micro_batch_prompts: int = option(4, "Prompts per forward pass (all their responses together).")
     max_length: int = option(384, "Maximum tokens of prompt + response.")
     heldout_fraction: float = option(0.1, "Share of prompts held out to measure accuracy.")
