@@ -509,6 +509,9 @@ def run_ppo(config: PPOConfig) -> Path:
             return accelerator.gather(per_episode.float().to(device)).mean().item()
 
         mean_kl = batch_mean((kl * response_mask).sum(-1))
+        logged = [k for k, v in stats.items() if v]  # the same keys on every process: one collective for all
+        stat_means = dict(zip(logged, accelerator.reduce(
+            torch.tensor([sum(stats[k]) / len(stats[k]) for k in logged], device=device), "mean").tolist()))
         kl_control.update(mean_kl, config.episodes_per_batch)
         row = {"step": iteration + 1, "episodes": (iteration + 1) * config.episodes_per_batch,
                **({} if config.reward == "gold" else {"rm_score": batch_mean(raw_scores)}),
@@ -517,8 +520,7 @@ def run_ppo(config: PPOConfig) -> Path:
                "kl_coef": kl_control.value, "no_eos_rate": 1 - batch_mean(has_eos),
                "response_length": batch_mean(response_mask.sum(-1)),
                "lr": policy_schedule.get_last_lr()[0],
-               **{k: accelerator.reduce(torch.tensor(sum(v) / len(v), device=device), "mean").item()
-                  for k, v in stats.items() if v},
+               **stat_means,
                **{f"seconds_{k}": round(v, 3) for k, v in timings.items()}}
         if verdicts is not None:
             row["gold_score"] = batch_mean(torch.tensor([v.score for v in verdicts]))
