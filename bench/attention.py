@@ -58,7 +58,7 @@ for rows in DECODE_BATCHES:
     print(f"  batch {rows} (prompt width {ids.shape[1]}):")
     for label, cache_factory, pack in VARIANTS:
         generation.preallocated_cache = cache_factory
-        with torch.autocast("cpu", dtype=torch.bfloat16), models.fused_attention(model), \
+        with torch.autocast("cpu", dtype=torch.bfloat16), models.decoding_attention(model), \
                 models.packed_linears(model, "bf16" if pack else "fp32"):
             short, long = (best_seconds(lambda n=n: generation.decode(
                 model, ids, mask, n, 1.0, 1.0, -1, tokenizer.pad_token_id, torch.Generator().manual_seed(0)), ROUNDS)

@@ -168,7 +168,7 @@ def job_sft(job: dict) -> dict:
 
 
 def job_rm(job: dict) -> dict:
-    from instrugo.reward import RewardConfig, reward_inputs, run_reward, split_heldout
+    from instrugo.reward import RewardConfig, reward_inputs, run_reward, shared_prefix_length, split_heldout
 
     config = RewardConfig(model=job["model"], comparisons=[job["tasks"]], out=job["out"], lr=job["lr"],
                           prompts_per_batch=job["prompts_per_batch"], micro_batch_prompts=job["micro_batch_prompts"],
@@ -178,7 +178,9 @@ def job_rm(job: dict) -> dict:
     final = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r.get("final")][-1]
     tokenizer = models.load_tokenizer(job["model"])
     train, _ = split_heldout([t for t in read_tasks(job["tasks"]) if t.pairs()], job["heldout_fraction"], job["seed"])
-    tokens = sum(len(reward_inputs(tokenizer, t.prompt, r, job["max_length"])) for t in train for r in t.responses)
+    # Tokens the model reads: each prompt's shared prefix once, then every response (reward.raw_scores).
+    groups = [[reward_inputs(tokenizer, t.prompt, r, job["max_length"]) for r in t.responses] for t in train]
+    tokens = sum(sum(map(len, g)) - (len(g) - 1) * shared_prefix_length(g) for g in groups)
     return {"train_seconds": final["train_seconds"], "tokens": tokens, "model_dir": job["out"]}
 
 

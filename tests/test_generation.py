@@ -2,7 +2,7 @@ import torch
 
 from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, left_pad, next_tokens,
                                  positions_skipping_padding, preallocated_cache, sample_responses)
-from instrugo.models import fused_attention, load_causal_lm
+from instrugo.models import decoding_attention, load_causal_lm
 
 EOS, PAD = 2, 0
 
@@ -72,7 +72,7 @@ def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, ti
     shared, separate = (left_pad(prompts, tiny_tokenizer.pad_token_id)
                         for prompts in (encoded, [encoded[1], encoded[0], encoded[1]]))
     args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
-    with fused_attention(model):
+    with decoding_attention(model):
         out = decode(model, *shared, *args, prompt_of_row=torch.tensor([1, 0, 1]))
         assert out == decode(model, *separate, *args)
     assert out[0] != out[1]  # the two prompts continue differently, so a wrong mapping would show
@@ -139,7 +139,7 @@ def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_token
     with torch.no_grad():
         expected = model(input_ids=full_ids, attention_mask=full_mask,
                          position_ids=positions_skipping_padding(full_mask)).logits[:, -1]
-        with fused_attention(model):
+        with decoding_attention(model):
             cache = preallocated_cache(model.config, ids.shape[1] + 4)
             model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask),
                   past_key_values=cache, use_cache=True)
@@ -162,7 +162,7 @@ def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     prompts = ["Name a planet.", "Write a very long sentence about rivers, mountains and the sea.", "Hi"]
     ids, mask = left_pad(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
-    with fused_attention(model):
+    with decoding_attention(model):
         ours = decode(model, ids, mask, 12, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id,
                       torch.Generator())
     with torch.no_grad():

@@ -11,7 +11,8 @@ from instrugo import losses, runio
 from instrugo.comparisons import ComparisonTask
 from instrugo.models import load_tokenizer
 from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model,
-                             load_reward_model, raw_scores, reward_inputs, run_reward, score_texts)
+                             load_reward_model, raw_scores, reward_inputs, run_reward, score_texts,
+                             shared_prefix_length)
 from instrugo.training import epoch_order, length_grouped_steps
 
 
@@ -34,7 +35,7 @@ def test_one_forward_pass_per_response_not_per_pair(tiny_model_dir):
     tasks = [make_task(0, 4, 1), make_task(1, 9, 2), make_task(2, 5, 3)]
     with torch.no_grad():
         scores, levels, valid = batch_scores(model, tokenizer, tasks, max_length=64)
-    assert rows_seen == [4 + 9 + 5]  # K forward passes per prompt, all in one batch
+    assert rows_seen == [3, 4 + 9 + 5]  # one pass over the prompts, then K per prompt, all in one batch
     n_pairs = sum(len(t.pairs()) for t in tasks)
     assert 2 * n_pairs == sum(len(t.responses) for t in expand_to_pairs(tasks)) > 4 + 9 + 5
 
@@ -43,8 +44,8 @@ def test_one_forward_pass_per_response_not_per_pair(tiny_model_dir):
     per_prompt = []
     for task in tasks:
         with torch.no_grad():
-            alone = raw_scores(model, [reward_inputs(tokenizer, task.prompt, r, 64) for r in task.responses],
-                               tokenizer.pad_token_id).tolist()
+            alone = [raw_scores(model, [[reward_inputs(tokenizer, task.prompt, r, 64)]], tokenizer.pad_token_id).item()
+                     for r in task.responses]  # each response in a full pass of its own
         pairs = task.pairs()
         per_prompt.append(sum(-math.log(1 / (1 + math.exp(-(alone[i] - alone[j])))) for i, j in pairs) / len(pairs))
     assert abs(loss.item() - sum(per_prompt) / len(per_prompt)) < 1e-4
@@ -226,3 +227,26 @@ def test_length_grouped_steps_cover_the_epoch_once_with_steps_of_similar_length(
     assert length_grouped_steps(lengths, 3, 1, 5, 2) == steps  # a resumed run takes the same steps
     assert length_grouped_steps(lengths, 3, 2, 5, 2) != steps
     assert [s for s in steps if len(s) < 3] == [sorted(groups[-1], key=lambda i: lengths[i])]  # the 2 left over
+
+
+def test_a_shared_prompt_pass_gives_the_scores_and_gradients_of_full_passes(tiny_model_dir):
+    """Responses continuing their prompt's cache (left-padded prompts of different lengths, right-padded
+    responses) score and backpropagate as if each were read whole."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = init_reward_model(tiny_model_dir, tokenizer, seed=0, max_tokens=64)
+    groups = [[reward_inputs(tokenizer, task.prompt, r, 64) for r in task.responses]
+              for task in (make_task(0, 4, 1), make_task(123456789, 3, 2))]
+    weights = torch.linspace(-1, 1, 7)
+
+    def scores_and_gradient(grouped: bool):
+        model.zero_grad()
+        scores = (raw_scores(model, groups, tokenizer.pad_token_id) if grouped else
+                  torch.cat([raw_scores(model, [[s]], tokenizer.pad_token_id) for g in groups for s in g]))
+        (scores * weights).sum().backward()
+        return scores.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    shared, shared_gradient = scores_and_gradient(True)
+    full, full_gradient = scores_and_gradient(False)
+    assert 5 < shared_prefix_length(groups[0]) < shared_prefix_length(groups[1]) and len({round(x, 3) for x in full.tolist()}) == 7
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared_gradient, full_gradient, atol=1e-4, rtol=1e-3)

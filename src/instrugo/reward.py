@@ -3,7 +3,8 @@
 Labelers rank K = 4..9 responses to one prompt, which implies C(K,2) comparisons. Following the paper
 (REFERENCE §2), **all comparisons of a prompt form one batch element**: the K responses go through the
 model once each (K forward passes, not 2·C(K,2)), and the loss averages −log σ(r_w − r_l) over the
-prompt's pairs, ties dropped. Shuffling pairs as independent examples makes each response take K−1
+prompt's pairs, ties dropped. Further, the prompt they share is read once: the K responses continue its
+KV cache (`raw_scores`), with gradients flowing back through it. Shuffling pairs as independent examples makes each response take K−1
 separate updates and overfits within one epoch; `--expand-pairs` does exactly that, for comparison.
 
 The model is a causal LM backbone (the SFT policy by default; any causal LM, with its own tokenizer — it
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,11 +29,12 @@ from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from instrugo import losses, models, training
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.config import option, require, to_dict
-from instrugo.generation import chat_prompt
+from instrugo.generation import chat_prompt, left_pad, positions_skipping_padding
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete, update_json, format_percent
 
 
@@ -104,17 +107,47 @@ def reward_inputs(tokenizer, prompt: str | list[dict], response: str, max_length
     return prompt_ids + response_ids + [tokenizer.eos_token_id]
 
 
-def raw_scores(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """One scalar per sequence. Right padding with pad ≠ EOS, so transformers reads the score at the last
-    real token, the response's EOS. Called through the (possibly distributed) model's own forward."""
-    width = max(len(s) for s in sequences)
+def shared_prefix_length(group: list[list[int]]) -> int:
+    """How many leading tokens every sequence of `group` has in common, leaving each at least its last
+    token (where the score is read). A prompt's K responses share the chat-formatted prompt."""
+    return min(len(os.path.commonprefix(group)), min(len(s) for s in group) - 1)
+
+
+def raw_scores(model, groups: list[list[list[int]]], pad_id: int) -> torch.Tensor:
+    """One scalar per sequence of `groups`, in order. Right padding with pad ≠ EOS, so transformers reads
+    the score at the last real token, the response's EOS. Called through the (possibly distributed)
+    model's own forward.
+
+    Sequences of a group (the responses to one prompt) share one pass over their common prefix, whose KV
+    cache each of them then continues from, with the positions and attention a full pass would have: at
+    K = 9 and prompts longer than responses this reads well under half the tokens. A batch of single
+    sequences (or of groups with nothing in common) takes one plain pass."""
     device = next(model.parameters()).device
+    prefix_lengths = [shared_prefix_length(group) for group in groups]
+    if all(len(group) == 1 for group in groups) or min(prefix_lengths) == 0:
+        ids, mask = right_pad([s for group in groups for s in group], pad_id, device)
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    prefix_ids, prefix_mask = (t.to(device) for t in left_pad([g[0][:n] for g, n in zip(groups, prefix_lengths)], pad_id))
+    cache = DynamicCache()
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_skipping_padding(prefix_mask),
+          past_key_values=cache, use_cache=True)
+    group_of_row = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
+    cache.batch_select_indices(group_of_row)  # differentiable: each response's gradient reaches its prompt
+    ids, mask = right_pad([s[n:] for group, n in zip(groups, prefix_lengths) for s in group], pad_id, device)
+    starts = torch.tensor([n for group, n in zip(groups, prefix_lengths) for _ in group], device=device)
+    return model(input_ids=ids, attention_mask=torch.cat([prefix_mask[group_of_row], mask], 1),
+                 position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device),
+                 past_key_values=cache, use_cache=True).logits[:, 0].float()
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(sequences):
         ids[row, :len(seq)] = torch.tensor(seq, device=device)
         mask[row, :len(seq)] = 1
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    return ids, mask
 
 
 @torch.no_grad()
@@ -125,14 +158,25 @@ def score_texts(model, tokenizer, prompts: list, responses: list[str], precision
     bias = float(getattr(model.config, "reward_bias", 0.0))
     max_length = max_length or int(getattr(model.config, "reward_max_length", 384))
     sequences = [reward_inputs(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
-    # Batched in order of length, so a batch pads to a similar length; scores return in the callers' order.
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    # Responses to the same prompt are scored together (sharing the prompt's pass, `raw_scores`), in
+    # batches of prompts of similar length; scores return in the callers' order.
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(repr(prompt), []).append(i)
+    units = sorted((group[start:start + batch_size] for group in by_prompt.values()
+                    for start in range(0, len(group), batch_size)),
+                   key=lambda unit: max(len(sequences[i]) for i in unit))
+    batches: list[list[list[int]]] = [[]]
+    for unit in units:
+        if sum(map(len, batches[-1])) + len(unit) > batch_size:
+            batches.append([])
+        batches[-1].append(unit)
     scores = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+    for batch in batches:
         with models.autocast(precision):
-            scored = (raw_scores(model, [sequences[i] for i in batch], tokenizer.pad_token_id) + bias).tolist()
-        for i, score in zip(batch, scored):
+            scored = (raw_scores(model, [[sequences[i] for i in unit] for unit in batch], tokenizer.pad_token_id)
+                      + bias).tolist()
+        for i, score in zip((i for unit in batch for i in unit), scored):
             scores[i] = score
     return scores
 
@@ -155,9 +199,10 @@ def split_heldout(tasks: list[ComparisonTask], fraction: float, seed: int) -> tu
 
 
 def batch_scores(model, tokenizer, tasks: list[ComparisonTask], max_length: int):
-    """Scores [B, K_max] of every response of every task in one forward pass, plus levels and mask."""
-    sequences = [reward_inputs(tokenizer, t.prompt, r, max_length) for t in tasks for r in t.responses]
-    flat = raw_scores(model, sequences, tokenizer.pad_token_id)
+    """Scores [B, K_max] of every response of every task (one pass over each prompt and one over each
+    response, `raw_scores`), plus levels and mask."""
+    flat = raw_scores(model, [[reward_inputs(tokenizer, t.prompt, r, max_length) for r in t.responses] for t in tasks],
+                      tokenizer.pad_token_id)
     k_max = max(len(t.responses) for t in tasks)
     scores = torch.zeros(len(tasks), k_max, device=flat.device)
     levels = torch.zeros(len(tasks), k_max, dtype=torch.long, device=flat.device)
