@@ -12,7 +12,7 @@ from instrugo.comparisons import ComparisonTask
 from instrugo.models import load_tokenizer
 from instrugo.reward import (RewardConfig, batch_scores, expand_to_pairs, init_reward_model,
                              load_reward_model, raw_scores, reward_inputs, run_reward, score_texts,
-                             shared_prefix_length)
+                             padding_chunks, shared_prefix_length)
 from instrugo.training import epoch_order, length_grouped_steps
 
 
@@ -35,7 +35,7 @@ def test_one_forward_pass_per_response_not_per_pair(tiny_model_dir):
     tasks = [make_task(0, 4, 1), make_task(1, 9, 2), make_task(2, 5, 3)]
     with torch.no_grad():
         scores, levels, valid = batch_scores(model, tokenizer, tasks, max_length=64)
-    assert rows_seen == [3, 4 + 9 + 5]  # one pass over the prompts, then K per prompt, all in one batch
+    assert rows_seen[0] == 3 and sum(rows_seen[1:]) == 4 + 9 + 5  # one pass over the prompts, then K per prompt
     n_pairs = sum(len(t.pairs()) for t in tasks)
     assert 2 * n_pairs == sum(len(t.responses) for t in expand_to_pairs(tasks)) > 4 + 9 + 5
 
@@ -234,9 +234,11 @@ def test_a_shared_prompt_pass_gives_the_scores_and_gradients_of_full_passes(tiny
     responses) score and backpropagate as if each were read whole."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = init_reward_model(tiny_model_dir, tokenizer, seed=0, max_tokens=64)
-    groups = [[reward_inputs(tokenizer, task.prompt, r, 64) for r in task.responses]
-              for task in (make_task(0, 4, 1), make_task(123456789, 3, 2))]
-    weights = torch.linspace(-1, 1, 7)
+    tasks = (make_task(0, 4, 1), make_task(123456789, 3, 2))
+    groups = [[reward_inputs(tokenizer, task.prompt, r, 256) for r in task.responses] for task in tasks]
+    groups[1].insert(0, reward_inputs(tokenizer, tasks[1].prompt, "a much longer answer " * 30, 256))
+    assert len(padding_chunks(sorted(len(s) - shared_prefix_length(g) for g in groups for s in g))) == 2
+    weights = torch.linspace(-1, 1, 8)
 
     def scores_and_gradient(grouped: bool):
         model.zero_grad()
@@ -247,6 +249,12 @@ def test_a_shared_prompt_pass_gives_the_scores_and_gradients_of_full_passes(tiny
 
     shared, shared_gradient = scores_and_gradient(True)
     full, full_gradient = scores_and_gradient(False)
-    assert 5 < shared_prefix_length(groups[0]) < shared_prefix_length(groups[1]) and len({round(x, 3) for x in full.tolist()}) == 7
+    assert 5 < shared_prefix_length(groups[0]) < shared_prefix_length(groups[1]) and len({round(x, 3) for x in full.tolist()}) == 8
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared_gradient, full_gradient, atol=1e-4, rtol=1e-3)
+
+
+def test_padding_chunks_split_where_padding_costs_more_than_a_call():
+    assert padding_chunks([10, 10, 10, 200]) == [[0, 1, 2], [3]]  # 30 + 200 + 2 calls < 4 x 200 + 1 call
+    assert padding_chunks([50, 52, 54]) == [[0, 1, 2]]            # 162 + 1 call < any split
+    assert padding_chunks([5]) == [[0]]

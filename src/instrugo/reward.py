@@ -120,24 +120,56 @@ def raw_scores(model, groups: list[list[list[int]]], pad_id: int) -> torch.Tenso
 
     Sequences of a group (the responses to one prompt) share one pass over their common prefix, whose KV
     cache each of them then continues from, with the positions and attention a full pass would have: at
-    K = 9 and prompts longer than responses this reads well under half the tokens. A batch of single
-    sequences (or of groups with nothing in common) takes one plain pass."""
+    K = 9 and prompts longer than responses this reads well under half the tokens. The responses then go
+    in calls of similar lengths (`padding_chunks`). A batch of single sequences (or of groups with nothing
+    in common) takes one plain pass."""
     device = next(model.parameters()).device
     prefix_lengths = [shared_prefix_length(group) for group in groups]
     if all(len(group) == 1 for group in groups) or min(prefix_lengths) == 0:
         ids, mask = right_pad([s for group in groups for s in group], pad_id, device)
         return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     prefix_ids, prefix_mask = (t.to(device) for t in left_pad([g[0][:n] for g, n in zip(groups, prefix_lengths)], pad_id))
-    cache = DynamicCache()
+    prompt_cache = DynamicCache()
     model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_skipping_padding(prefix_mask),
-          past_key_values=cache, use_cache=True)
-    group_of_row = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
-    cache.batch_select_indices(group_of_row)  # differentiable: each response's gradient reaches its prompt
-    ids, mask = right_pad([s[n:] for group, n in zip(groups, prefix_lengths) for s in group], pad_id, device)
-    starts = torch.tensor([n for group, n in zip(groups, prefix_lengths) for _ in group], device=device)
-    return model(input_ids=ids, attention_mask=torch.cat([prefix_mask[group_of_row], mask], 1),
-                 position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device),
-                 past_key_values=cache, use_cache=True).logits[:, 0].float()
+          past_key_values=prompt_cache, use_cache=True)
+    suffixes = [s[n:] for group, n in zip(groups, prefix_lengths) for s in group]
+    group_of_row = [g for g, group in enumerate(groups) for _ in group]
+    by_length = sorted(range(len(suffixes)), key=lambda row: len(suffixes[row]))
+    chunk_scores = []
+    for chunk in padding_chunks([len(suffixes[row]) for row in by_length]):
+        rows = [by_length[i] for i in chunk]
+        prompts = torch.tensor([group_of_row[row] for row in rows], device=device)
+        cache = DynamicCache()  # each row continues its prompt's keys and values; gradients flow back to them
+        for index, layer in enumerate(prompt_cache.layers):
+            cache.update(layer.keys[prompts], layer.values[prompts], index)
+        ids, mask = right_pad([suffixes[row] for row in rows], pad_id, device)
+        starts = torch.tensor([prefix_lengths[group_of_row[row]] for row in rows], device=device)
+        chunk_scores.append(model(input_ids=ids, attention_mask=torch.cat([prefix_mask[prompts], mask], 1),
+                                  position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device),
+                                  past_key_values=cache, use_cache=True).logits[:, 0].float())
+    return torch.cat(chunk_scores)[torch.tensor(by_length, device=device).argsort()]
+
+
+# A forward call's fixed cost, in padded token positions, when splitting responses into calls by length.
+CALL_COST_TOKENS = 64
+
+
+def padding_chunks(lengths: list[int]) -> list[list[int]]:
+    """Split ascending `lengths` into consecutive chunks, each padded to its longest, minimising padded
+    positions plus CALL_COST_TOKENS per chunk (one response of 190 tokens among 60-token ones would
+    otherwise pad them all)."""
+    best = [0.0] + [math.inf] * len(lengths)
+    cut = [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[end - 1] + CALL_COST_TOKENS
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], len(lengths)
+    while end:
+        chunks.append(list(range(cut[end], end)))
+        end = cut[end]
+    return chunks[::-1]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
