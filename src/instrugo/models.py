@@ -220,8 +220,9 @@ def one_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     """Attention for a decode step (one query per row) as two batched matmuls, in transformers' attention
     interface; longer queries (the prompt pass) go to SDPA. The query heads that share a key/value head
     are stacked as rows of one matmul against that head's cache, so grouped heads are neither repeated
-    nor copied. On CPU, PyTorch's SDPA kernel is several times slower at this shape: one layer at batch 128
-    over 250 cached tokens, 15.8 ms vs 4.4 ms (bench/attention.py)."""
+    nor copied. Alone it is not faster than transformers' SDPA path at these shapes, but best-of-16
+    decoding on CPU ran at a median 469 vs 435 tokens/s with it (9 runs each, alternating;
+    bench/best_of_n_decode.py, docs/BENCHMARKS.md)."""
     if query.shape[2] != 1 or kwargs.get("dropout", 0.0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     rows, heads, _, head_dim = query.shape
