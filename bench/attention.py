@@ -54,7 +54,7 @@ VARIANTS = (  # (label, cache factory, pack linears)
     ("... and packed linears (what sampling runs)", generation.preallocated_cache, True),
 )
 for rows in DECODE_BATCHES:
-    ids, mask = generation.left_pad(generation.encode_prompts(tokenizer, prompts[:rows]), tokenizer.pad_token_id)
+    ids, mask = generation.pad_batch(generation.encode_prompts(tokenizer, prompts[:rows]), tokenizer.pad_token_id)
     print(f"  batch {rows} (prompt width {ids.shape[1]}):")
     for label, cache_factory, pack in VARIANTS:
         generation.preallocated_cache = cache_factory

@@ -11,7 +11,7 @@ import torch
 
 from instrugo import models
 from instrugo.data import load_split
-from instrugo.generation import (SamplingConfig, encode_prompts, left_pad, positions_skipping_padding,
+from instrugo.generation import (SamplingConfig, encode_prompts, pad_batch, positions_skipping_padding,
                                  preallocated_cache, sample_responses)
 
 policy = sys.argv[1] if len(sys.argv) > 1 else "default"
@@ -28,7 +28,7 @@ print(f"{policy}: {n_prompts} eval prompts x {copies} samples, up to 192 new tok
 # What sharing saves per batch: the prompt pass of 128 rows (16 prompts x 8 copies) against that of 16.
 encoded = encode_prompts(tokenizer, prompts)
 for rows in (16, 128, 16):  # the first call is a warm-up (kernel selection, weight packing)
-    ids, mask = left_pad([encoded[i // (rows // 16)] for i in range(rows)], tokenizer.pad_token_id)
+    ids, mask = pad_batch([encoded[i // (rows // 16)] for i in range(rows)], tokenizer.pad_token_id)
     with torch.no_grad(), models.autocast(precision), models.decoding_attention(model), \
             models.packed_linears(model, precision):
         started = time.perf_counter()

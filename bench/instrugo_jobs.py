@@ -220,7 +220,7 @@ def job_ppo(job: dict) -> dict:
 
 def job_generate(job: dict) -> dict:
     """Generated tokens per second at one batch: instrugo's sampler, or plain `model.generate`."""
-    from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
+    from instrugo.generation import SamplingConfig, encode_prompts, pad_batch, sample_responses
 
     tokenizer = models.load_tokenizer(job["model"])
     model = models.load_causal_lm(job["model"], tokenizer).eval()
@@ -232,7 +232,7 @@ def job_generate(job: dict) -> dict:
         return sum(len(s[0].token_ids) for s in samples)
 
     def plain_generate() -> int:
-        ids, mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+        ids, mask = pad_batch(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
         with torch.no_grad(), models.autocast(job["precision"]):
             output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=job["response_length"],
                                     do_sample=True, top_k=None, pad_token_id=tokenizer.pad_token_id)

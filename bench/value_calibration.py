@@ -10,7 +10,7 @@ import torch
 
 from instrugo import losses, models
 from instrugo.data import load_examples
-from instrugo.generation import SamplingConfig, encode_prompts, left_pad, sample_responses
+from instrugo.generation import SamplingConfig, encode_prompts, pad_batch, sample_responses
 from instrugo.ppo import TokenValueModel, response_tensors, sequence_inputs
 from instrugo.reward import load_reward_model, score_texts
 
@@ -29,7 +29,7 @@ with torch.no_grad():
     has_eos = torch.tensor([s.has_eos for s in samples])
     scores = losses.no_eos_penalty(scores, has_eos, -1.0)
     value = TokenValueModel(models.load_scalar_model(rm_path, tokenizer)).eval()
-    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    query, query_mask = pad_batch(prompt_ids, tokenizer.pad_token_id)
     response, mask = response_tensors(samples, tokenizer.pad_token_id)
     with models.autocast(precision):
         values = value(**sequence_inputs(query, query_mask, response, mask), response_width=response.shape[1])

@@ -1,6 +1,6 @@
 import torch
 
-from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, left_pad, next_tokens,
+from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, pad_batch, next_tokens,
                                  positions_skipping_padding, preallocated_cache, sample_responses)
 from instrugo.models import decoding_attention, load_causal_lm
 
@@ -34,7 +34,7 @@ class CountingModel(torch.nn.Module):
 
 def test_decode_drops_finished_rows_and_keeps_each_rows_tokens():
     model = CountingModel()
-    ids, mask = left_pad([[5, 10], [20], [7, 8, 30]], PAD)
+    ids, mask = pad_batch([[5, 10], [20], [7, 8, 30]], PAD)
     out = decode(model, ids, mask, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_id=EOS, pad_id=PAD,
                  generator=torch.Generator().manual_seed(0))
     assert out == [([11, 12, EOS], True), ([21, 22, 23, 24, 25, EOS], True), ([31, 32, 33, 34, 35, 36, 37, 38], False)]
@@ -44,7 +44,7 @@ def test_decode_drops_finished_rows_and_keeps_each_rows_tokens():
 
 def test_copies_of_a_prompt_share_its_prompt_pass_and_continue_it_each():
     model = CountingModel()
-    ids, mask = left_pad([[5, 10], [20]], PAD)
+    ids, mask = pad_batch([[5, 10], [20]], PAD)
     out = decode(model, ids, mask, max_new_tokens=6, temperature=0.0, top_p=1.0, eos_id=EOS, pad_id=PAD,
                  generator=torch.Generator().manual_seed(0), prompt_of_row=torch.tensor([0, 1, 0, 1, 1]))
     first, second = ([11, 12, EOS], True), ([21, 22, 23, 24, 25, EOS], True)
@@ -69,7 +69,7 @@ def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, ti
 
     model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
     encoded = encode_prompts(tiny_tokenizer, ["Name a planet.", "Write a long sentence about rivers."])
-    shared, separate = (left_pad(prompts, tiny_tokenizer.pad_token_id)
+    shared, separate = (pad_batch(prompts, tiny_tokenizer.pad_token_id)
                         for prompts in (encoded, [encoded[1], encoded[0], encoded[1]]))
     args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
     with decoding_attention(model):
@@ -90,7 +90,7 @@ def test_copies_of_a_prompt_split_across_batches_each_continue_it(tiny_tokenizer
 
 def test_decode_never_samples_the_pad_token():
     model = CountingModel()
-    ids, mask = left_pad([[30]], PAD)
+    ids, mask = pad_batch([[30]], PAD)
     [(tokens, _)] = decode(model, ids, mask, 4, 1.0, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
     assert PAD not in tokens
 
@@ -133,7 +133,7 @@ def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_token
     from instrugo.generation import encode_prompts
 
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
-    ids, mask = left_pad(encode_prompts(tiny_tokenizer, ["Name a planet.", "Hi"]), tiny_tokenizer.pad_token_id)
+    ids, mask = pad_batch(encode_prompts(tiny_tokenizer, ["Name a planet.", "Hi"]), tiny_tokenizer.pad_token_id)
     next_token = torch.tensor([[500], [600]])
     full_ids, full_mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     with torch.no_grad():
@@ -149,10 +149,13 @@ def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_token
     torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_left_pad_aligns_sequences_on_the_right():
-    ids, mask = left_pad([[1, 2, 3], [4]], PAD)
+def test_pad_batch_pads_on_the_side_asked():
+    ids, mask = pad_batch([[1, 2, 3], [4]], PAD)
     assert ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[1, 2, 3], [4]], PAD, "right")
+    assert ids.tolist() == [[1, 2, 3], [4, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_dir):
@@ -161,7 +164,7 @@ def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_
 
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     prompts = ["Name a planet.", "Write a very long sentence about rivers, mountains and the sea.", "Hi"]
-    ids, mask = left_pad(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
+    ids, mask = pad_batch(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
     with decoding_attention(model):
         ours = decode(model, ids, mask, 12, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id,
                       torch.Generator())

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from instrugo.generation import left_pad
+from instrugo.generation import pad_batch
 from instrugo.models import load_causal_lm
 from instrugo.ppo import EMA, policy_logprobs, sequence_inputs
 
 
 def test_position_ids_skip_left_padding():
-    query, query_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    query, query_mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
     response = torch.tensor([[9, 2], [10, 0]])
     response_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     inputs = sequence_inputs(query, query_mask, response, response_mask)
@@ -23,13 +23,13 @@ def test_batched_logprobs_with_padding_equal_unpadded_ones(tiny_model_dir, tiny_
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     prompts = [[11, 12, 13, 14, 15], [21, 22]]
     responses = [[31, 32, 2], [41]]
-    query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id)
+    query, query_mask = pad_batch(prompts, tiny_tokenizer.pad_token_id)
     response = torch.tensor([[31, 32, 2], [41, 0, 0]])
     response_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     with torch.no_grad():
         batched = policy_logprobs(model, sequence_inputs(query, query_mask, response, response_mask), response, 0.7)
         for row, (p, r) in enumerate(zip(prompts, responses)):
-            q, qm = left_pad([p], 0)
+            q, qm = pad_batch([p], 0)
             alone = policy_logprobs(model, sequence_inputs(q, qm, torch.tensor([r]), torch.ones(1, len(r))),
                                     torch.tensor([r]), 0.7)
             torch.testing.assert_close(batched[row, :len(r)], alone[0], rtol=1e-4, atol=1e-5)
@@ -37,7 +37,7 @@ def test_batched_logprobs_with_padding_equal_unpadded_ones(tiny_model_dir, tiny_
 
 def test_logprobs_use_the_sampling_temperature(tiny_model_dir, tiny_tokenizer):
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
-    query, query_mask = left_pad([[11, 12, 13]], 0)
+    query, query_mask = pad_batch([[11, 12, 13]], 0)
     response = torch.tensor([[31, 32]])
     inputs = sequence_inputs(query, query_mask, response, torch.ones(1, 2))
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_gold_reward_needs_constraints_on_every_prompt(tmp_path):
 def test_select_cuts_the_columns_that_are_padding_in_every_chosen_episode():
     from instrugo.ppo import Rollout
 
-    query, query_mask = left_pad([[5, 6, 7, 8], [9, 10], [11]], pad_id=0)
+    query, query_mask = pad_batch([[5, 6, 7, 8], [9, 10], [11]], pad_id=0)
     response = torch.tensor([[21, 22, 23, 2, 0], [31, 2, 0, 0, 0], [41, 42, 43, 44, 2]])
     response_mask = (torch.arange(5) < torch.tensor([[4], [2], [5]])).float()
     values = torch.arange(15.0).reshape(3, 5)

@@ -62,15 +62,18 @@ def positions_skipping_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask); generation continues at the right edge."""
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists into (input_ids, attention_mask). Left padding ends every row at the right edge,
+    where generation continues; right padding keeps each row's last token where transformers' sequence
+    classifiers read their score."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+            columns = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+            ids[row, columns] = torch.tensor(seq, dtype=torch.long)
+            mask[row, columns] = 1
     return ids, mask
 
 
@@ -214,7 +217,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
             distinct = {i: row for row, i in enumerate(dict.fromkeys(i for i, _ in batch))}
             prompt_of_row = (None if len(distinct) == len(batch)  # one sample per prompt: nothing to copy
                              else torch.tensor([distinct[i] for i, _ in batch], device=device))
-            input_ids, attention_mask = left_pad([encoded[i] for i in distinct], tokenizer.pad_token_id)
+            input_ids, attention_mask = pad_batch([encoded[i] for i in distinct], tokenizer.pad_token_id)
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
             decoded = decode(model, input_ids.to(device), attention_mask.to(device), config.max_new_tokens,
                              0.0 if greedy else config.temperature, config.top_p, tokenizer.eos_token_id,

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
-from instrugo.generation import (DECODE_BATCH_SIZE, SamplingConfig, encode_prompts, left_pad, positions_skipping_padding,
-                                 sample_responses)
+from instrugo.generation import (DECODE_BATCH_SIZE, SamplingConfig, encode_prompts, pad_batch,
+                                 positions_skipping_padding, sample_responses)
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
@@ -232,18 +232,10 @@ class EMA:
         self.decay, self.shadow = state["decay"], state["shadow"]
 
 
-def pad_right(rows: list[list[int]], pad: int, width: int | None = None) -> torch.Tensor:
-    width = width or max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled responses as right-padded token ids [B, R] and a float mask of their tokens (EOS included)."""
-    response = pad_right([s.token_ids for s in samples], pad_id)
-    return response, pad_right([[1] * len(s.token_ids) for s in samples], 0, response.shape[1]).float()
+    response, mask = pad_batch([s.token_ids for s in samples], pad_id, "right")
+    return response, mask.float()
 
 
 def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
@@ -385,7 +377,7 @@ def run_ppo(config: PPOConfig) -> Path:
         verdicts = None
         if judge_rollouts:
             verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
-        query, query_mask = left_pad([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
+        query, query_mask = pad_batch([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
         response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
         device = accelerator.device
         query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))

@@ -3,9 +3,10 @@
 Labelers rank K = 4..9 responses to one prompt, which implies C(K,2) comparisons. Following the paper
 (REFERENCE §2), **all comparisons of a prompt form one batch element**: the K responses go through the
 model once each (K forward passes, not 2·C(K,2)), and the loss averages −log σ(r_w − r_l) over the
-prompt's pairs, ties dropped. Further, the prompt they share is read once: the K responses continue its
-KV cache (`raw_scores`), with gradients flowing back through it. Shuffling pairs as independent examples makes each response take K−1
-separate updates and overfits within one epoch; `--expand-pairs` does exactly that, for comparison.
+prompt's pairs, ties dropped. The prompt they share is read once: the K responses continue its KV cache
+(`raw_scores`), with gradients flowing back through it. Shuffling pairs as independent examples makes
+each response take K−1 separate updates and overfits within one epoch; `--expand-pairs` does exactly
+that, for comparison.
 
 The model is a causal LM backbone (the SFT policy by default; any causal LM, with its own tokenizer — it
 reads *text*) whose unembedding is replaced by a scalar head, N(0, 1/sqrt(d+1)) initialised, read at the
@@ -34,7 +35,7 @@ from transformers import DynamicCache
 from instrugo import losses, models, training
 from instrugo.comparisons import ComparisonTask, read_tasks
 from instrugo.config import option, require, to_dict
-from instrugo.generation import chat_prompt, left_pad, positions_skipping_padding
+from instrugo.generation import chat_prompt, pad_batch, positions_skipping_padding
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete, update_json, format_percent
 
 
@@ -119,16 +120,16 @@ def raw_scores(model, groups: list[list[list[int]]], pad_id: int) -> torch.Tenso
     model's own forward.
 
     Sequences of a group (the responses to one prompt) share one pass over their common prefix, whose KV
-    cache each of them then continues from, with the positions and attention a full pass would have: at
-    K = 9 and prompts longer than responses this reads well under half the tokens. The responses then go
+    cache each of them then continues from, with the positions and attention a full pass would have: a
+    prompt of P tokens with K responses of R reads P + K·R tokens instead of K·(P + R). The responses then go
     in calls of similar lengths (`padding_chunks`). A batch of single sequences (or of groups with nothing
     in common) takes one plain pass."""
     device = next(model.parameters()).device
     prefix_lengths = [shared_prefix_length(group) for group in groups]
     if all(len(group) == 1 for group in groups) or min(prefix_lengths) == 0:
-        ids, mask = right_pad([s for group in groups for s in group], pad_id, device)
+        ids, mask = (t.to(device) for t in pad_batch([s for group in groups for s in group], pad_id, "right"))
         return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-    prefix_ids, prefix_mask = (t.to(device) for t in left_pad([g[0][:n] for g, n in zip(groups, prefix_lengths)], pad_id))
+    prefix_ids, prefix_mask = (t.to(device) for t in pad_batch([g[0][:n] for g, n in zip(groups, prefix_lengths)], pad_id))
     prompt_cache = DynamicCache()
     model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_skipping_padding(prefix_mask),
           past_key_values=prompt_cache, use_cache=True)
@@ -138,19 +139,21 @@ def raw_scores(model, groups: list[list[list[int]]], pad_id: int) -> torch.Tenso
     chunk_scores = []
     for chunk in padding_chunks([len(suffixes[row]) for row in by_length]):
         rows = [by_length[i] for i in chunk]
-        prompts = torch.tensor([group_of_row[row] for row in rows], device=device)
+        prompt_of_row = torch.tensor([group_of_row[row] for row in rows], device=device)
         cache = DynamicCache()  # each row continues its prompt's keys and values; gradients flow back to them
         for index, layer in enumerate(prompt_cache.layers):
-            cache.update(layer.keys[prompts], layer.values[prompts], index)
-        ids, mask = right_pad([suffixes[row] for row in rows], pad_id, device)
+            cache.update(layer.keys[prompt_of_row], layer.values[prompt_of_row], index)
+        ids, mask = (t.to(device) for t in pad_batch([suffixes[row] for row in rows], pad_id, "right"))
         starts = torch.tensor([prefix_lengths[group_of_row[row]] for row in rows], device=device)
-        chunk_scores.append(model(input_ids=ids, attention_mask=torch.cat([prefix_mask[prompts], mask], 1),
+        chunk_scores.append(model(input_ids=ids, attention_mask=torch.cat([prefix_mask[prompt_of_row], mask], 1),
                                   position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device),
                                   past_key_values=cache, use_cache=True).logits[:, 0].float())
     return torch.cat(chunk_scores)[torch.tensor(by_length, device=device).argsort()]
 
 
-# A forward call's fixed cost, in padded token positions, when splitting responses into calls by length.
+# What one more forward call is taken to cost, in padded token positions, when responses are split into
+# calls by length. A round guess (a call's per-layer overhead), not tuned: the RM epochs in
+# docs/BENCHMARKS.md were measured with it.
 CALL_COST_TOKENS = 64
 
 
@@ -170,16 +173,6 @@ def padding_chunks(lengths: list[int]) -> list[list[int]]:
         chunks.append(list(range(cut[end], end)))
         end = cut[end]
     return chunks[::-1]
-
-
-def right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, device=device)
-        mask[row, :len(seq)] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from instrugo import losses, models, training
 from instrugo.config import option, require, to_dict
-from instrugo.generation import chat_prompt, positions_skipping_padding
+from instrugo.generation import chat_prompt, pad_batch, positions_skipping_padding
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
 
 
@@ -90,15 +90,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pad_side: 
 
     Padding on the left ends every row at the right edge, so the responses of a micro-batch share its
     last columns and the LM head needs to run only there (`response_logits_width`)."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), width), dtype=torch.float32)
-    for row, (ids, mask) in enumerate(examples):
-        columns = slice(width - len(ids), width) if pad_side == "left" else slice(0, len(ids))
-        input_ids[row, columns] = torch.tensor(ids)
-        attention_mask[row, columns] = 1
-        loss_mask[row, columns] = torch.tensor(mask, dtype=torch.float32)
+    input_ids, attention_mask = pad_batch([ids for ids, _ in examples], pad_id, pad_side)
+    loss_mask = pad_batch([mask for _, mask in examples], 0, pad_side)[0].float()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions_skipping_padding(attention_mask),
             "loss_mask": loss_mask}
 
