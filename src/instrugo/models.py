@@ -221,7 +221,7 @@ def one_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     interface; longer queries (the prompt pass) go to SDPA. The query heads that share a key/value head
     are stacked as rows of one matmul against that head's cache, so grouped heads are neither repeated
     nor copied. Alone it is not faster than transformers' SDPA path at these shapes, but best-of-16
-    decoding on CPU ran at a median 469 vs 435 tokens/s with it (9 runs each, alternating;
+    decoding on CPU ran at a median 479 vs 448 tokens/s with it (9 calls each, alternating;
     bench/best_of_n_decode.py, docs/BENCHMARKS.md)."""
     if query.shape[2] != 1 or kwargs.get("dropout", 0.0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
