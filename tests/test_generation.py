@@ -149,6 +149,62 @@ def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_token
     torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_under_autocast_the_cache_stores_keys_in_bf16_and_gives_the_same_logits(tiny_tokenizer, tiny_model_dir):
+    """Keys reach the cache in fp32 (rotary embeddings); stored in bf16 they must give exactly the logits of
+    transformers' own cache, which keeps them in fp32 and lets attention cast them at every step."""
+    from transformers import DynamicCache
+
+    from instrugo.generation import encode_prompts
+    from instrugo.models import autocast
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    ids, mask = pad_batch(encode_prompts(tiny_tokenizer, ["Name a planet.", "Hi"]), tiny_tokenizer.pad_token_id)
+    steps = torch.tensor([[500, 501, 502], [600, 601, 602]])
+
+    def logits_of_each_step(cache):
+        step_mask, outputs = mask, []
+        positions = positions_skipping_padding(mask)
+        outputs.append(model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True).logits[:, -1])
+        for column in range(steps.shape[1]):
+            step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            outputs.append(model(input_ids=steps[:, column:column + 1], attention_mask=step_mask,
+                                 position_ids=positions_skipping_padding(step_mask)[:, -1:], past_key_values=cache,
+                                 use_cache=True).logits[:, -1])
+        return torch.stack(outputs)
+
+    with torch.no_grad(), autocast("bf16"), decoding_attention(model):
+        ours = preallocated_cache(model.config, ids.shape[1] + steps.shape[1])
+        stored = logits_of_each_step(ours)
+        recast = logits_of_each_step(DynamicCache(config=model.config))
+    assert ours.layers[0].key_buffer.dtype == ours.layers[0].value_buffer.dtype == torch.bfloat16
+    assert torch.equal(stored, recast)
+
+
+def test_a_prompt_pass_in_groups_of_rows_gives_the_cache_and_logits_of_one_pass(tiny_tokenizer, tiny_model_dir):
+    """Groups cut to their own longest prompt must place keys and values where one pass over all rows
+    puts them: the next decode step, which reads the whole cache, checks every column."""
+    from instrugo.generation import encode_prompts, prompt_pass
+
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
+    prompts = ["Hi", "Name a planet.", "Name a red planet.", "Write a long sentence about rivers.",
+               "Write a very long sentence about rivers, mountains and the sea."]
+    ids, mask = pad_batch(sorted(encode_prompts(tiny_tokenizer, prompts), key=len), tiny_tokenizer.pad_token_id)
+    step = torch.tensor([[500], [501], [502], [503], [504]])
+    step_mask = torch.cat([mask, torch.ones(5, 1, dtype=torch.long)], 1)
+    step_positions = positions_skipping_padding(step_mask)[:, -1:]
+    results = []
+    with torch.no_grad(), decoding_attention(model):
+        for rows_per_pass in (5, 2):  # one pass; then groups of 2, 2 and 1 rows, each narrower than the batch
+            cache, logits = prompt_pass(model, ids, mask, ids.shape[1] + 1, rows_per_pass)
+            after = model(input_ids=step, attention_mask=step_mask, position_ids=step_positions,
+                          past_key_values=cache, use_cache=True).logits[:, -1]
+            results.append((logits, after))
+    (one_logits, one_after), (grouped_logits, grouped_after) = results
+    torch.testing.assert_close(grouped_logits, one_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grouped_after, one_after, atol=1e-4, rtol=1e-4)
+
+
 def test_pad_batch_pads_on_the_side_asked():
     ids, mask = pad_batch([[1, 2, 3], [4]], PAD)
     assert ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]]

@@ -106,7 +106,11 @@ class PreallocatedLayer(DynamicLayer):
     """A KV-cache layer that writes each step's keys and values into buffers allocated once for the whole
     decode, where transformers' DynamicLayer concatenates (a copy of the layer's whole cache per token: a
     decode step at batch 32 took 74.6 ms with it, 67.1 ms without, in bench/attention.py). Attention reads
-    a view of the written part."""
+    a view of the written part.
+
+    Under autocast both are stored in the autocast dtype. Keys arrive in fp32 (rotary embeddings multiply
+    the bf16 projections by fp32 cos/sin), and attention's matmul casts them to bf16 anyway, so storing them
+    cast gives the same products without recasting the layer's whole key cache at every step."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -114,10 +118,13 @@ class PreallocatedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.dtype, self.device = key_states.dtype, key_states.device
+            device = key_states.device
+            autocast_on = torch.is_autocast_enabled(device.type)
+            self.dtype = torch.get_autocast_dtype(device.type) if autocast_on else key_states.dtype
+            self.device = device
             rows, heads, _, _ = key_states.shape
-            self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
-            self.value_buffer = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1])
+            self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1], dtype=self.dtype)
+            self.value_buffer = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1], dtype=self.dtype)
             self.is_initialized = True
         end = self.length + key_states.shape[-2]
         self.key_buffer[:, :, self.length:end] = key_states
@@ -125,6 +132,21 @@ class PreallocatedLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
+
+    def place(self, rows: slice, batch_size: int, end: int, piece: "PreallocatedLayer") -> None:
+        """Write a prompt pass over some of the batch's rows (`piece`, cut to those rows' longest prompt)
+        into this layer, right-aligned at column `end` as left padding aligns them. Columns to its left stay
+        zero: padding, masked in attention, and finite where the buffers' other contents may not be."""
+        if not self.is_initialized:
+            self.dtype, self.device = piece.dtype, piece.device
+            _, heads, _, dim = piece.key_buffer.shape
+            self.key_buffer = piece.key_buffer.new_zeros(batch_size, heads, self.capacity, dim)
+            self.value_buffer = piece.value_buffer.new_zeros(batch_size, heads, self.capacity, piece.value_buffer.shape[-1])
+            self.is_initialized = True
+        self.key_buffer[rows, :, end - piece.length:end] = piece.keys
+        self.value_buffer[rows, :, end - piece.length:end] = piece.values
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
 
     def crop(self, *args, **kwargs):  # DynamicLayer's versions would leave the buffers stale
         raise NotImplementedError("PreallocatedLayer supports decoding only: update and batch_select_indices")
@@ -145,6 +167,39 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
+# Rows per forward pass over the prompts. On CPU a pass over many rows is slow for its size (its activations
+# leave the caches): the 128 `eval` prompts (105 tokens wide once padded) took 6.97-9.16 s in one pass,
+# 5.2-5.4 s in passes of 32 rows at that width, 3.6-3.9 s in passes of 32 each cut to its own longest prompt
+# and 3.8-4.1 s in passes of 16 (bench/prompt_pass.py, docs/BENCHMARKS.md).
+PROMPT_PASS_ROWS = 32
+
+
+def prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int,
+                rows_per_pass: int = PROMPT_PASS_ROWS) -> tuple[DynamicCache, torch.Tensor]:
+    """Run the left-padded prompts through the model: returns their KV cache, with room for `capacity`
+    tokens, and each row's next-token logits. Rows go in groups of `rows_per_pass`, each cut to its own
+    longest prompt (batches are sorted by prompt length, so a group carries little padding), and each
+    group's keys and values are placed in the batch's cache where one pass over all rows would put them."""
+    cache = preallocated_cache(model.config, capacity)
+    positions = positions_skipping_padding(attention_mask)
+    rows, width = input_ids.shape
+    if rows <= rows_per_pass or not all(type(layer) is PreallocatedLayer for layer in cache.layers):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return cache, logits
+    logits = []
+    for start in range(0, rows, rows_per_pass):
+        group = slice(start, start + rows_per_pass)
+        first = int(attention_mask[group].any(0).int().argmax())  # the group's leftmost real token
+        part = preallocated_cache(model.config, width - first)
+        logits.append(model(input_ids=input_ids[group, first:], attention_mask=attention_mask[group, first:],
+                            position_ids=positions[group, first:], past_key_values=part, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        for layer, piece in zip(cache.layers, part.layers):
+            layer.place(group, rows, width, piece)
+    return cache, torch.cat(logits)
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
            top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
@@ -156,10 +211,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     Finished rows are dropped from the batch and the KV cache once they are an eighth of it (dropping
     costs a copy of the cache, so not one row at a time). Position ids skip the left padding, as in
     training. The pad token is never sampled: it is a real vocabulary entry and would read as padding."""
-    cache = preallocated_cache(model.config, input_ids.shape[1] + max_new_tokens)
+    cache, logits = prompt_pass(model, input_ids, attention_mask, input_ids.shape[1] + max_new_tokens, PROMPT_PASS_ROWS)
     positions = positions_skipping_padding(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     if prompt_of_row is not None:
         cache.batch_select_indices(prompt_of_row)
         logits, positions, attention_mask = logits[prompt_of_row], positions[prompt_of_row], attention_mask[prompt_of_row]
