@@ -185,6 +185,7 @@ def test_a_prompt_pass_in_groups_of_rows_gives_the_cache_and_logits_of_one_pass(
     """Groups cut to their own longest prompt must place keys and values where one pass over all rows
     puts them: the next decode step, which reads the whole cache, checks every column."""
     from instrugo.generation import encode_prompts, prompt_pass
+    from instrugo.models import autocast
 
     model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
     prompts = ["Hi", "Name a planet.", "Name a red planet.", "Write a long sentence about rivers.",
@@ -193,16 +194,48 @@ def test_a_prompt_pass_in_groups_of_rows_gives_the_cache_and_logits_of_one_pass(
     step = torch.tensor([[500], [501], [502], [503], [504]])
     step_mask = torch.cat([mask, torch.ones(5, 1, dtype=torch.long)], 1)
     step_positions = positions_skipping_padding(step_mask)[:, -1:]
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
     results = []
     with torch.no_grad(), decoding_attention(model):
-        for rows_per_pass in (5, 2):  # one pass; then groups of 2, 2 and 1 rows, each narrower than the batch
+        # One pass; then groups of 2, 2 and 1 rows, the first two narrower than the batch.
+        for rows_per_pass in (5, 2):
             cache, logits = prompt_pass(model, ids, mask, ids.shape[1] + 1, rows_per_pass)
             after = model(input_ids=step, attention_mask=step_mask, position_ids=step_positions,
                           past_key_values=cache, use_cache=True).logits[:, -1]
             results.append((logits, after))
+        with autocast("bf16"):
+            bf16_cache, _ = prompt_pass(model, ids, mask, ids.shape[1] + 1, 2)
     (one_logits, one_after), (grouped_logits, grouped_after) = results
     torch.testing.assert_close(grouped_logits, one_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grouped_after, one_after, atol=1e-4, rtol=1e-4)
+    grouped_widths = widths[2:5]  # after the one pass and its step
+    assert [rows for rows, _ in grouped_widths] == [2, 2, 1]
+    assert grouped_widths[0][1] < grouped_widths[1][1] < ids.shape[1] == grouped_widths[2][1]
+    assert bf16_cache.layers[0].key_buffer.dtype == torch.bfloat16
+
+
+def test_decode_with_prompt_passes_in_groups_gives_the_tokens_of_one_pass(tiny_tokenizer, tiny_model_dir,
+                                                                         monkeypatch):
+    """`decode` as sampling calls it, with copies of prompts (prompt_of_row) and more distinct prompts
+    than PROMPT_PASS_ROWS."""
+    from instrugo import generation
+    from instrugo.generation import encode_prompts
+
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
+    prompts = ["Hi", "Name a planet.", "Name a red planet.", "Write a long sentence about rivers."]
+    ids, mask = pad_batch(sorted(encode_prompts(tiny_tokenizer, prompts), key=len), tiny_tokenizer.pad_token_id)
+    args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
+    copies = torch.tensor([3, 0, 2, 1, 3, 0])
+    outputs = []
+    with decoding_attention(model):
+        for rows in (100, 1):
+            monkeypatch.setattr(generation, "PROMPT_PASS_ROWS", rows)
+            outputs.append((decode(model, ids, mask, *args), decode(model, ids, mask, *args, prompt_of_row=copies)))
+    assert outputs[1] == outputs[0]
+    alone, copied = outputs[0]
+    assert copied == [alone[i] for i in copies.tolist()] and len(set(map(str, alone))) == 4
 
 
 def test_pad_batch_pads_on_the_side_asked():

@@ -140,8 +140,10 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.dtype, self.device = piece.dtype, piece.device
             _, heads, _, dim = piece.key_buffer.shape
-            self.key_buffer = piece.key_buffer.new_zeros(batch_size, heads, self.capacity, dim)
-            self.value_buffer = piece.value_buffer.new_zeros(batch_size, heads, self.capacity, piece.value_buffer.shape[-1])
+            self.key_buffer = piece.key_buffer.new_empty(batch_size, heads, self.capacity, dim)
+            self.value_buffer = piece.value_buffer.new_empty(batch_size, heads, self.capacity, piece.value_buffer.shape[-1])
+            self.key_buffer[:, :, :end].zero_()  # decoding writes the columns after `end` before reading them
+            self.value_buffer[:, :, :end].zero_()
             self.is_initialized = True
         self.key_buffer[rows, :, end - piece.length:end] = piece.keys
         self.value_buffer[rows, :, end - piece.length:end] = piece.values
@@ -167,10 +169,10 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
-# Rows per forward pass over the prompts. On CPU a pass over many rows is slow for its size (its activations
-# leave the caches): the 128 `eval` prompts (105 tokens wide once padded) took 6.97-9.16 s in one pass,
-# 5.2-5.4 s in passes of 32 rows at that width, 3.6-3.9 s in passes of 32 each cut to its own longest prompt
-# and 3.8-4.1 s in passes of 16 (bench/prompt_pass.py, docs/BENCHMARKS.md).
+# Rows per forward pass over the prompts: the 128 `eval` prompts (105 tokens wide once padded) took 5.2-8.6 s
+# in one pass, 3.6-3.7 s in passes of 32 each cut to its own longest prompt, 3.9-4.2 s in passes of 64 and
+# 3.8-3.9 s in passes of 16 (bench/prompt_pass.py, docs/BENCHMARKS.md); most of it is the padding a group
+# no longer carries. `decode` reads this at call time (bench/prompt_pass.py sets it).
 PROMPT_PASS_ROWS = 32
 
 
@@ -183,14 +185,14 @@ def prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ca
     cache = preallocated_cache(model.config, capacity)
     positions = positions_skipping_padding(attention_mask)
     rows, width = input_ids.shape
-    if rows <= rows_per_pass or not all(type(layer) is PreallocatedLayer for layer in cache.layers):
+    if rows <= rows_per_pass or not (cache.layers and all(type(layer) is PreallocatedLayer for layer in cache.layers)):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return cache, logits
     logits = []
     for start in range(0, rows, rows_per_pass):
         group = slice(start, start + rows_per_pass)
-        first = int(attention_mask[group].any(0).int().argmax())  # the group's leftmost real token
+        first = int(attention_mask[group].any(0).int().argmax())  # the group's leftmost real token (0 if none)
         part = preallocated_cache(model.config, width - first)
         logits.append(model(input_ids=input_ids[group, first:], attention_mask=attention_mask[group, first:],
                             position_ids=positions[group, first:], past_key_values=part, use_cache=True,
