@@ -116,21 +116,29 @@ class PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.capacity, self.length = capacity, 0
 
+    def allocate(self, rows: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers for `rows` rows shaped like these states, in the autocast dtype when autocast is on."""
+        device = key_states.device
+        autocast_on = torch.is_autocast_enabled(device.type)
+        self.dtype = torch.get_autocast_dtype(device.type) if autocast_on else key_states.dtype
+        self.device = device
+        heads = key_states.shape[1]
+        self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1], dtype=self.dtype)
+        self.value_buffer = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1], dtype=self.dtype)
+        self.is_initialized = True
+
+    def expose(self, end: int) -> None:
+        """The first `end` columns are written: attention reads them as the cache."""
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            device = key_states.device
-            autocast_on = torch.is_autocast_enabled(device.type)
-            self.dtype = torch.get_autocast_dtype(device.type) if autocast_on else key_states.dtype
-            self.device = device
-            rows, heads, _, _ = key_states.shape
-            self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1], dtype=self.dtype)
-            self.value_buffer = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1], dtype=self.dtype)
-            self.is_initialized = True
+            self.allocate(key_states.shape[0], key_states, value_states)
         end = self.length + key_states.shape[-2]
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        self.expose(end)
         return self.keys, self.values
 
     def place(self, rows: slice, batch_size: int, end: int, piece: "PreallocatedLayer") -> None:
@@ -138,17 +146,12 @@ class PreallocatedLayer(DynamicLayer):
         into this layer, right-aligned at column `end` as left padding aligns them. Columns to its left stay
         zero: padding, masked in attention, and finite where the buffers' other contents may not be."""
         if not self.is_initialized:
-            self.dtype, self.device = piece.dtype, piece.device
-            _, heads, _, dim = piece.key_buffer.shape
-            self.key_buffer = piece.key_buffer.new_empty(batch_size, heads, self.capacity, dim)
-            self.value_buffer = piece.value_buffer.new_empty(batch_size, heads, self.capacity, piece.value_buffer.shape[-1])
+            self.allocate(batch_size, piece.keys, piece.values)
             self.key_buffer[:, :, :end].zero_()  # decoding writes the columns after `end` before reading them
             self.value_buffer[:, :, :end].zero_()
-            self.is_initialized = True
         self.key_buffer[rows, :, end - piece.length:end] = piece.keys
         self.value_buffer[rows, :, end - piece.length:end] = piece.values
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        self.expose(end)
 
     def crop(self, *args, **kwargs):  # DynamicLayer's versions would leave the buffers stale
         raise NotImplementedError("PreallocatedLayer supports decoding only: update and batch_select_indices")
@@ -158,7 +161,7 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+            self.expose(self.length)
 
 
 def preallocated_cache(config, capacity: int) -> DynamicCache:
