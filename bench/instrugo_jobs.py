@@ -11,6 +11,7 @@ The harness (bench/run.py) starts each job in a fresh process so that peak RSS i
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,13 +151,22 @@ def job_prepare(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ jobs
 
+def cold_compile_cache(job: dict) -> None:
+    """A compiling job (`--compile`) starts from an empty inductor cache of its own, so the compilation
+    it reports is what a first run on a fresh machine pays."""
+    if job.get("compile"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(job["out"]) / "inductor-cache")
+
+
 def job_sft(job: dict) -> dict:
     from instrugo.data import load_examples
     from instrugo.sft import SFTConfig, run_sft, tokenize_example
 
+    cold_compile_cache(job)
     config = SFTConfig(model=job["model"], data=job["data"], out=job["out"], epochs=1.0, lr=job["lr"],
                        batch_size=job["batch_size"], micro_batch_size=job["micro_batch_size"],
-                       max_length=job["max_length"], precision=job["precision"], save_every=10**9)
+                       max_length=job["max_length"], precision=job["precision"], save_every=10**9,
+                       compile=job.get("compile", False))
     run_sft(config)
     tokenizer = models.load_tokenizer(job["model"])
     examples = [tokenize_example(tokenizer, r["messages"], r["response"], job["max_length"])
@@ -199,23 +209,27 @@ def job_rm_eval(job: dict) -> dict:
 
 
 def job_ppo(job: dict) -> dict:
-    """PPO updates; the first is a warm-up (lazy initialisation, kernel selection) and is not counted."""
+    """PPO updates; the first is a warm-up (lazy initialisation, kernel selection; with `compile`, the
+    compilation) and is not counted in the means, but reported as `warmup_seconds`."""
     from instrugo.ppo import PPOConfig, run_ppo
 
+    cold_compile_cache(job)
     batch = job["batch_size"]
     config = PPOConfig(policy=job["model"], reward_model=job["reward_model"], prompts=job["prompts"], out=job["out"],
                        total_episodes=batch * (job["updates"] + 1), episodes_per_batch=batch, minibatches=1,
                        micro_batch_size=batch, ppo_epochs=job["ppo_epochs"], warmup_iterations=0, lam=0.95,  # TRL's default λ
                        value_warmup_iterations=0,  # TRL has no value warm-up: every timed update trains both
                        max_new_tokens=job["response_length"], rollout_batch_size=batch, gold_judge=False,
-                       precision=job["precision"], save_every=10**9, seed=job["seed"], lora_rank=job.get("lora_rank", 0))
+                       precision=job["precision"], save_every=10**9, seed=job["seed"], lora_rank=job.get("lora_rank", 0),
+                       compile=job.get("compile", False))
     run_ppo(config)
-    rows = read_metrics(Path(job["out"]) / "metrics.jsonl")[1:]
+    warmup, *rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {"generate_seconds": mean("seconds_generate"), "score_seconds": mean("seconds_score"),
             "train_seconds": mean("seconds_train"),
             "update_seconds": mean("seconds_generate") + mean("seconds_score") + mean("seconds_train"),
-            "response_tokens": mean("response_length")}
+            "response_tokens": mean("response_length"),
+            "warmup_seconds": sum(warmup[f"seconds_{phase}"] for phase in ("generate", "score", "train"))}
 
 
 def job_generate(job: dict) -> dict:

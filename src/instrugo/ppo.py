@@ -104,6 +104,7 @@ class PPOConfig:
                                   "reward that tells the reward model's error from PPO's (prompts need constraints).")
     rollout_batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
+    compile: bool = option(False, training.COMPILE_HELP)
     save_every: int = option(1, "Checkpoint every N iterations.")
     seed: int = option(0, "Seed (per process: seed + rank·100003).")
 
@@ -181,7 +182,7 @@ def policy_logprobs(model, inputs: dict[str, torch.Tensor], response: torch.Tens
     """log π(y_t) of the response tokens, from logits divided by the sampling temperature (N details).
     Only the response positions' logits are computed (`logits_to_keep`)."""
     width = response.shape[1]
-    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float() / temperature
     logprobs = losses.token_logprobs(logits, response)
     return (logprobs, logits) if with_entropy else logprobs
 
@@ -205,7 +206,7 @@ class TokenValueModel(torch.nn.Module):
         # Under LoRA the classifier is a peft wrapper; its model holds the (adapted) backbone and head.
         model = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids).last_hidden_state
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
         states = hidden[:, -(response_width + 1):-1]  # the state before each response token
         # Start from the reward model's normalised scale: its bias makes demonstrations score 0.
         bias = float(getattr(model.config, "reward_bias", 0.0))
@@ -350,6 +351,7 @@ def run_ppo(config: PPOConfig) -> Path:
               f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
               f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
               + f"; {world} processes; precision {models.describe_precision(precision)}"
+              + ("; decoder layers compiled for training" if config.compile else "")
               + (f"; resuming at iteration {start}" if start else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start or None, enabled=accelerator.is_main_process)
     # No nucleus cut: log-probs are recomputed from the full softmax, so truncated rollouts would be off-policy.
@@ -440,7 +442,8 @@ def run_ppo(config: PPOConfig) -> Path:
                     if not last:
                         sync.enter_context(accelerator.no_sync(policy))
                         sync.enter_context(accelerator.no_sync(value))
-                    with sync, accelerator.autocast():
+                    with (sync, accelerator.autocast(), models.compiled_layers(policy, config.compile),
+                          models.compiled_layers(value, config.compile)):
                         inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
                         latest = {}  # this micro-batch's losses, checked for NaN/inf below
                         if train_policy:
@@ -462,7 +465,8 @@ def run_ppo(config: PPOConfig) -> Path:
                                 ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
                                 for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
                                     part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
-                                    ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                                    ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                                                        use_cache=False).logits
                                     ptx_loss = losses.response_lm_loss(ptx_logits.float(), part["input_ids"], part["loss_mask"])
                                     chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
                                     accelerator.backward(config.ptx_coef * ptx_loss * episode_share * chunk_share)

@@ -54,6 +54,7 @@ class SFTConfig:
     lora_rank: int = option(0, "Train a LoRA adapter of this rank instead of all weights (0 = full).")
     lora_alpha: float = option(32.0, "LoRA α.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 (autocast) or fp32.")
+    compile: bool = option(False, training.COMPILE_HELP)
     save_every: int = option(50, "Checkpoint every N optimiser steps (for resume).")
     seed: int = option(0, "Random seed (data order, initialisation of LoRA).")
 
@@ -151,6 +152,7 @@ def run_sft(config: SFTConfig) -> Path:
               f"processes, micro-batches of {config.micro_batch_size} -> "
               f"{max(1, per_process // config.micro_batch_size)} accumulation steps); "
               f"{trainable:,}/{total:,} parameters train; precision {models.describe_precision(precision)}"
+              + ("; decoder layers compiled for training" if config.compile else "")
               + (f"; resuming at step {start_step}" if start_step else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if start_step else None,
                          enabled=accelerator.is_main_process)
@@ -173,9 +175,9 @@ def run_sft(config: SFTConfig) -> Path:
             width = response_logits_width(tensors["loss_mask"])
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with sync, accelerator.autocast(), models.compiled_layers(model, config.compile):
                 logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                               position_ids=tensors["position_ids"], logits_to_keep=width).logits
+                               position_ids=tensors["position_ids"], logits_to_keep=width, use_cache=False).logits
                 loss = losses.response_lm_loss(logits.float(), tensors["input_ids"][:, -width:],
                                                tensors["loss_mask"][:, -width:])
                 share = weight * tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)

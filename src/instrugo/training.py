@@ -103,6 +103,10 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
                        gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
 
 
+COMPILE_HELP = ("Compile the decoder layers for the training passes (torch.compile; needs a C++ compiler): "
+                "~30 s on a cold cache, then ~1.3x faster steps on CPU (docs/BENCHMARKS.md).")
+
+
 def seed_everything(seed: int, rank: int = 0) -> int:
     """Per-process seed `seed + rank·100003` (N+ details), applied to python, numpy-free torch RNGs."""
     process_seed = seed + rank * 100003
@@ -159,7 +163,7 @@ def save_checkpoint(accelerator, out_dir: str | os.PathLike, state: dict[str, An
 
 
 # Settings that may change between a killed run and its resumption without changing what it computes.
-RESUME_MAY_CHANGE = {"save_every", "precision", "out", "eval_json"}
+RESUME_MAY_CHANGE = {"save_every", "precision", "compile", "out", "eval_json"}
 
 
 def record_settings(out_dir: str | os.PathLike, stage: str, settings: dict[str, Any], write: bool) -> None:
