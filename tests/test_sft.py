@@ -161,3 +161,40 @@ def test_micro_batches_hold_examples_of_neighbouring_lengths(tmp_path, monkeypat
     assert len(ranks) == 16 and len(micro_lengths) == 8
     assert sorted(ranks[pair[0]] for pair in micro_lengths) == list(range(0, 16, 2))
     assert all(ranks[pair[1]] == ranks[pair[0]] + 1 for pair in micro_lengths)
+
+
+def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path):
+    """`--compile`: the decoder layers run through torch.compile in the training passes (dynamo compiles
+    frames: the counter rises) and the run logs the same losses and gradient norms as the eager one (fp32;
+    responses of 1 to 40 words, so the one compilation serves several shapes). Afterwards the model's
+    layers are plain again."""
+    from torch._dynamo.utils import counters
+
+    from instrugo import models
+
+    rows = [{"prompt": f"Answer {i}.", "response": " ".join(["word"] * n)} for i, n in enumerate((40, 1, 12, 3, 25, 7))]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compiled_frames = counters["frames"]["ok"]
+    logged = []
+    for compile_layers in (False, True):
+        out = run_sft(tiny_config(tmp_path / f"compile{compile_layers}", data, epochs=2.0, compile=compile_layers))
+        logged.append(runio.read_metrics(out / "metrics.jsonl"))
+    assert counters["frames"]["ok"] > compiled_frames
+    for eager, compiled in zip(*logged, strict=True):
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+        assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-3)
+
+    model = models.load_causal_lm("tiny")
+    with models.compiled_layers(model):
+        assert all("forward" in vars(layer) for layer in model.model.layers)
+    assert not any("forward" in vars(module) for module in model.modules())
+
+
+def test_compile_refuses_a_model_without_repeated_layers():
+    from instrugo import models
+    from instrugo.runio import InputError
+
+    with pytest.raises(InputError, match="--compile.*no repeated decoder layers"):
+        with models.compiled_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))):
+            pass
