@@ -198,3 +198,19 @@ def test_compile_refuses_a_model_without_repeated_layers():
     with pytest.raises(InputError, match="--compile.*no repeated decoder layers"):
         with models.compiled_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))):
             pass
+
+
+def test_without_a_cpp_compiler_compile_warns_and_runs_eager(monkeypatch, capsys):
+    import torch._inductor.config
+
+    from instrugo import models
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
+    models.compile_unavailable.cache_clear()
+    model = models.load_causal_lm("tiny")
+    try:
+        with models.compiled_layers(model):
+            assert not any("forward" in vars(module) for module in model.modules())
+        assert "training runs eager" in capsys.readouterr().out
+    finally:
+        models.compile_unavailable.cache_clear()

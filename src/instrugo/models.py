@@ -307,6 +307,26 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
+@functools.cache
+def compile_unavailable() -> str:
+    """Why torch.compile cannot build kernels on this machine ('' when it can): inductor needs a C++
+    compiler on CPU and triton on GPU. Said once, as a warning, by the first `compiled_layers` asked to
+    compile; training then runs eager."""
+    if torch.cuda.is_available():
+        reason = "" if importlib.util.find_spec("triton") else "triton is not installed"
+    else:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+            reason = ""
+        except Exception as error:  # inductor's InvalidCxxCompiler, or whatever a broken toolchain raises
+            reason = f"no usable C++ compiler ({type(error).__name__}: {str(error).strip().splitlines()[0][:120]})"
+    if reason:
+        print(f"compile: {reason}; training runs eager (install g++ to compile)")
+    return reason
+
+
 @contextlib.contextmanager
 def compiled_layers(model, enabled: bool = True):
     """Inside the block, `model`'s decoder layers run compiled by torch.compile (inductor). The training
@@ -315,8 +335,8 @@ def compiled_layers(model, enabled: bool = True):
     the Intel machine of docs/BENCHMARKS.md, after ~30 s of compilation on a cold cache. Sampling and the
     no-grad scoring passes stay eager: their caches and patched kernels are not for the compiler. Callers
     pass `use_cache=False`, or dynamo would retrace the layer for each layer's cache entry."""
-    layers = decoder_layers(model) if enabled else []
-    if enabled and not layers:
+    layers = decoder_layers(model) if enabled and not compile_unavailable() else []
+    if enabled and not layers and not compile_unavailable():
         raise InputError("--compile", f"{type(model).__name__} names no repeated decoder layers (_no_split_modules) to compile")
     for layer in layers:
         layer.forward = functools.partial(_compiled_forward(type(layer)), layer)

@@ -69,16 +69,18 @@ class RunConfig:
 # for 1 epoch (paper: 16 epochs); RM lr 5e-5 in batches of 4 prompts, 19 steps at K=9 (paper: 9e-6, 64 prompts, far
 # more steps; at 16 prompts and 3e-5 the RM took 11 steps and stayed at chance); PPO lr 2e-5 for 32 optimiser
 # steps (paper swept 2.55e-6..2.55e-5, and plain PPO diverged above 8.05e-6 at 1.3B over 256k episodes);
-# 1 pretraining sequence per episode for PPO-ptx (paper: 8), which halves the ptx cost.
+# 1 pretraining sequence per episode for PPO-ptx (paper: 8), which halves the ptx cost. SFT and PPO compile their
+# decoder layers (`--compile`): ~30 s once per machine (inductor's on-disk cache serves later stages), then
+# training passes ~1.2-1.3x as fast (docs/BENCHMARKS.md); without a C++ compiler they run eager.
 STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        "sft": dict(epochs=1.0, lr=5e-5, batch_size=16, micro_batch_size=8, max_length=320),
+        "sft": dict(epochs=1.0, lr=5e-5, batch_size=16, micro_batch_size=8, max_length=320, compile=True),
         "sample": dict(max_new_tokens=128, temperature=1.0),
         "rm": dict(lr=5e-5, prompts_per_batch=4, micro_batch_prompts=2, max_length=320, heldout_fraction=0.15,
                    normalize_examples=128),
         "ppo": dict(total_episodes=320, episodes_per_batch=32, minibatches=4, micro_batch_size=8,
                     max_new_tokens=96, lr=2e-5, value_lr=3e-5, warmup_iterations=2, value_warmup_iterations=2,
-                    ptx_ratio=1.0),
+                    ptx_ratio=1.0, compile=True),
         "eval": dict(max_new_tokens=192, pretrain_examples=200),
     },
     "tiny": {
