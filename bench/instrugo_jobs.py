@@ -151,18 +151,22 @@ def job_prepare(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ jobs
 
-def cold_compile_cache(job: dict) -> None:
-    """A compiling job (`--compile`) starts from an empty inductor cache of its own, so the compilation
-    it reports is what a first run on a fresh machine pays."""
-    if job.get("compile"):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(job["out"]) / "inductor-cache")
+def cold_compile_cache(job: dict) -> dict:
+    """A compiling job (`--compile`) starts from an empty inductor cache of its own (beside its run
+    directory), so the compilation it reports is what a first run on a fresh machine pays. Returns what to
+    add to the job's result: whether it really compiled (where torch.compile cannot build kernels,
+    `--compile` runs eager)."""
+    if not job.get("compile"):
+        return {}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{job['out']}.inductor-cache"
+    return {"compiled": not models.compile_unavailable()}
 
 
 def job_sft(job: dict) -> dict:
     from instrugo.data import load_examples
     from instrugo.sft import SFTConfig, run_sft, tokenize_example
 
-    cold_compile_cache(job)
+    compiled = cold_compile_cache(job)
     config = SFTConfig(model=job["model"], data=job["data"], out=job["out"], epochs=1.0, lr=job["lr"],
                        batch_size=job["batch_size"], micro_batch_size=job["micro_batch_size"],
                        max_length=job["max_length"], precision=job["precision"], save_every=10**9,
@@ -174,7 +178,7 @@ def job_sft(job: dict) -> dict:
     tokens = sum(len(ids) for ids, _ in filter(None, examples))
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
     seconds = sum(r["response_tokens"] / r["tokens_per_second"] for r in rows)
-    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, **compiled}
 
 
 def job_rm(job: dict) -> dict:
@@ -213,7 +217,7 @@ def job_ppo(job: dict) -> dict:
     compilation) and is not counted in the means, but reported as `warmup_seconds`."""
     from instrugo.ppo import PPOConfig, run_ppo
 
-    cold_compile_cache(job)
+    compiled = cold_compile_cache(job)
     batch = job["batch_size"]
     config = PPOConfig(policy=job["model"], reward_model=job["reward_model"], prompts=job["prompts"], out=job["out"],
                        total_episodes=batch * (job["updates"] + 1), episodes_per_batch=batch, minibatches=1,
@@ -229,7 +233,7 @@ def job_ppo(job: dict) -> dict:
             "train_seconds": mean("seconds_train"),
             "update_seconds": mean("seconds_generate") + mean("seconds_score") + mean("seconds_train"),
             "response_tokens": mean("response_length"),
-            "warmup_seconds": sum(warmup[f"seconds_{phase}"] for phase in ("generate", "score", "train"))}
+            "warmup_seconds": sum(warmup[f"seconds_{phase}"] for phase in ("generate", "score", "train")), **compiled}
 
 
 def job_generate(job: dict) -> dict:

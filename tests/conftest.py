@@ -49,3 +49,19 @@ def saved_dtypes():
         with safe_open(str(model_dir / "model.safetensors"), "pt") as saved:
             return {saved.get_slice(name).get_dtype() for name in saved.keys()}
     return read
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """For tests of `--compile`: skipped (visibly) where torch.compile cannot build kernels; fresh dynamo
+    state, so the test's own compilations count; hitting the recompile limit fails instead of quietly
+    running the rest eager."""
+    import torch
+
+    from instrugo import models
+
+    if models.compile_unavailable():
+        pytest.skip(f"torch.compile cannot build kernels here: {models.compile_unavailable()}")
+    torch._dynamo.reset()
+    models._compiled_forward.cache_clear()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)

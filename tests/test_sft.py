@@ -1,5 +1,6 @@
 """SFT on a tiny model: the response-only mask, the checkpoint plain transformers loads, and resume."""
 
+import contextlib
 import json
 
 import pytest
@@ -163,11 +164,12 @@ def test_micro_batches_hold_examples_of_neighbouring_lengths(tmp_path, monkeypat
     assert all(ranks[pair[1]] == ranks[pair[0]] + 1 for pair in micro_lengths)
 
 
-def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path):
-    """`--compile`: the decoder layers run through torch.compile in the training passes (dynamo compiles
-    frames: the counter rises) and the run logs the same losses and gradient norms as the eager one (fp32;
-    responses of 1 to 40 words, so the one compilation serves several shapes). Afterwards the model's
-    layers are plain again."""
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path, monkeypatch, compiling, lora_rank):
+    """`--compile` (full weights and LoRA): the training passes go through the compiled decoder layers
+    (dynamo compiles frames: the counter rises) and the run logs the same losses and gradient norms as the
+    eager one (fp32; responses of 1 to 40 words: several shapes, no recompilation past the limit). Every
+    layer is patched inside the block and plain again after it."""
     from torch._dynamo.utils import counters
 
     from instrugo import models
@@ -175,23 +177,34 @@ def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path):
     rows = [{"prompt": f"Answer {i}.", "response": " ".join(["word"] * n)} for i, n in enumerate((40, 1, 12, 3, 25, 7))]
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    compiled_frames = counters["frames"]["ok"]
+    patched_inside = []
+    real_compiled_layers = models.compiled_layers
+
+    @contextlib.contextmanager
+    def recording(model, enabled=True):
+        with real_compiled_layers(model, enabled):
+            patched_inside.append([enabled and "forward" in vars(layer) for layer in models.decoder_layers(model)])
+            yield
+
+    monkeypatch.setattr(models, "compiled_layers", recording)
     logged = []
     for compile_layers in (False, True):
-        out = run_sft(tiny_config(tmp_path / f"compile{compile_layers}", data, epochs=2.0, compile=compile_layers))
+        out = run_sft(tiny_config(tmp_path / f"compile{compile_layers}", data, epochs=2.0, compile=compile_layers,
+                                  lora_rank=lora_rank))
         logged.append(runio.read_metrics(out / "metrics.jsonl"))
-    assert counters["frames"]["ok"] > compiled_frames
+    assert counters["frames"]["ok"] > 0
+    assert [all(p) for p in patched_inside] == [False] * 6 + [True] * 6 and all(len(p) == 2 for p in patched_inside)
     for eager, compiled in zip(*logged, strict=True):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
         assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-3)
 
     model = models.load_causal_lm("tiny")
-    with models.compiled_layers(model):
+    with real_compiled_layers(model):
         assert all("forward" in vars(layer) for layer in model.model.layers)
     assert not any("forward" in vars(module) for module in model.modules())
 
 
-def test_compile_refuses_a_model_without_repeated_layers():
+def test_compile_refuses_a_model_without_repeated_layers(compiling):
     from instrugo import models
     from instrugo.runio import InputError
 
@@ -206,6 +219,8 @@ def test_without_a_cpp_compiler_compile_warns_and_runs_eager(monkeypatch, capsys
     from instrugo import models
 
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # a cached kernel would need no compiler
+    torch._dynamo.reset()
     models.compile_unavailable.cache_clear()
     model = models.load_causal_lm("tiny")
     try:

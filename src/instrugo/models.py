@@ -295,55 +295,59 @@ def packed_linears(model, precision: str):
 def _compiled_forward(layer_class: type):
     """`layer_class.forward` compiled once for every layer of the class: the layers of a model run the same
     code on same-shaped weights, so dynamo traces one layer and inductor builds its kernels once (regional
-    compilation), and inductor's on-disk cache serves later processes. Dynamic shapes: one compilation
-    serves every batch and sequence length."""
+    compilation). Dynamic shapes: batch and sequence lengths vary without recompiling (dynamo still
+    specialises a size of 1, and compiles again for another grad or autocast mode)."""
     return torch.compile(layer_class.forward, dynamic=True)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model: modules of the classes its `_no_split_modules` names
-    (the decoder layers, e.g. LlamaDecoderLayer)."""
+    """The repeated blocks of a transformers model: the outermost modules of the classes its
+    `_no_split_modules` names (the decoder layers, e.g. LlamaDecoderLayer)."""
     names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
-    return [module for module in model.modules() if type(module).__name__ in names]
+    layers: dict[str, torch.nn.Module] = {}
+    for path, module in model.named_modules():
+        if type(module).__name__ in names and not any(path.startswith(f"{outer}.") for outer in layers):
+            layers[path] = module
+    return list(layers.values())
 
 
 @functools.cache
 def compile_unavailable() -> str:
-    """Why torch.compile cannot build kernels on this machine ('' when it can): inductor needs a C++
-    compiler on CPU and triton on GPU. Said once, as a warning, by the first `compiled_layers` asked to
-    compile; training then runs eager."""
-    if torch.cuda.is_available():
-        reason = "" if importlib.util.find_spec("triton") else "triton is not installed"
-    else:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        try:
-            get_cpp_compiler()
-            reason = ""
-        except Exception as error:  # inductor's InvalidCxxCompiler, or whatever a broken toolchain raises
-            reason = f"no usable C++ compiler ({type(error).__name__}: {str(error).strip().splitlines()[0][:120]})"
-    if reason:
-        print(f"compile: {reason}; training runs eager (install g++ to compile)")
-    return reason
+    """Why torch.compile cannot build kernels here ('' when it can), found by compiling a one-line function:
+    inductor needs a C++ compiler, Python's headers and OpenMP on CPU, triton on GPU. Said once, as a
+    warning, by the first `compiled_layers` asked to compile; training then runs eager."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.compile(lambda x: x.sin() + 1, dynamic=True)(torch.ones(4, device=device))
+        return ""
+    except Exception as error:  # InvalidCxxCompiler, a failed build, a missing triton: whatever the toolchain lacks
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        print(f"compile: torch.compile cannot build kernels on this machine ({type(error).__name__}: {reason}); "
+              "training runs eager")
+        return f"{type(error).__name__}: {reason}"
 
 
 @contextlib.contextmanager
 def compiled_layers(model, enabled: bool = True):
     """Inside the block, `model`'s decoder layers run compiled by torch.compile (inductor). The training
     stages wrap their gradient passes in it (`--compile`): fused element-wise work (norms, rotary, SiLU,
-    residual adds, autocast's casts) made a forward + backward of the default model 1.29-1.40x as fast on
-    the Intel machine of docs/BENCHMARKS.md, after ~30 s of compilation on a cold cache. Sampling and the
+    residual adds, autocast's casts) made a forward + backward of the default model 1.26-1.40x as fast on
+    the Intel machine of docs/BENCHMARKS.md, after ~35 s of compilation on a cold cache. Sampling and the
     no-grad scoring passes stay eager: their caches and patched kernels are not for the compiler. Callers
-    pass `use_cache=False`, or dynamo would retrace the layer for each layer's cache entry."""
+    pass `use_cache=False`, or dynamo would retrace the layer for each layer's cache entry. A layer whose
+    forward someone else already patched (e.g. accelerate's offload hooks) is left alone."""
     layers = decoder_layers(model) if enabled and not compile_unavailable() else []
     if enabled and not layers and not compile_unavailable():
         raise InputError("--compile", f"{type(model).__name__} names no repeated decoder layers (_no_split_modules) to compile")
-    for layer in layers:
-        layer.forward = functools.partial(_compiled_forward(type(layer)), layer)
+    patched = []
     try:
+        for layer in layers:
+            if "forward" not in vars(layer):
+                layer.forward = functools.partial(_compiled_forward(type(layer)), layer)
+                patched.append(layer)
         yield
     finally:
-        for layer in layers:
+        for layer in patched:
             del layer.forward
 
 

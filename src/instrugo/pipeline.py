@@ -70,8 +70,8 @@ class RunConfig:
 # more steps; at 16 prompts and 3e-5 the RM took 11 steps and stayed at chance); PPO lr 2e-5 for 32 optimiser
 # steps (paper swept 2.55e-6..2.55e-5, and plain PPO diverged above 8.05e-6 at 1.3B over 256k episodes);
 # 1 pretraining sequence per episode for PPO-ptx (paper: 8), which halves the ptx cost. SFT and PPO compile their
-# decoder layers (`--compile`): ~30 s once per machine (inductor's on-disk cache serves later stages), then
-# training passes ~1.2-1.3x as fast (docs/BENCHMARKS.md); without a C++ compiler they run eager.
+# decoder layers (`--compile`): ~35 s on a cold cache, then training passes 1.2-1.4x as fast
+# (docs/BENCHMARKS.md); where torch.compile cannot build kernels they run eager.
 STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "sft": dict(epochs=1.0, lr=5e-5, batch_size=16, micro_batch_size=8, max_length=320, compile=True),

@@ -103,8 +103,8 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
                        gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
 
 
-COMPILE_HELP = ("Compile the decoder layers for the training passes (torch.compile; needs a C++ compiler): "
-                "~30 s on a cold cache, then ~1.3x faster steps on CPU (docs/BENCHMARKS.md).")
+COMPILE_HELP = ("Compile the decoder layers for the training passes (torch.compile; needs a C++ compiler, "
+                "else runs eager): ~35 s on a cold cache, then 1.2-1.4x faster steps on CPU (docs/BENCHMARKS.md).")
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:
