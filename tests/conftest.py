@@ -52,7 +52,7 @@ def saved_dtypes():
 
 
 @pytest.fixture
-def compiling(monkeypatch):
+def compiling():
     """For tests of `--compile`: skipped (visibly) where torch.compile cannot build kernels; fresh dynamo
     state, so the test's own compilations count; hitting the recompile limit fails instead of quietly
     running the rest eager."""
@@ -60,8 +60,9 @@ def compiling(monkeypatch):
 
     from instrugo import models
 
-    if models.compile_unavailable():
-        pytest.skip(f"torch.compile cannot build kernels here: {models.compile_unavailable()}")
     torch._dynamo.reset()
     models._compiled_forward.cache_clear()
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    if models.compile_unavailable():
+        pytest.skip(f"torch.compile cannot build kernels here: {models.compile_unavailable()}")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield

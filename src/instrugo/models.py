@@ -331,8 +331,8 @@ def compile_unavailable() -> str:
 def compiled_layers(model, enabled: bool = True):
     """Inside the block, `model`'s decoder layers run compiled by torch.compile (inductor). The training
     stages wrap their gradient passes in it (`--compile`): fused element-wise work (norms, rotary, SiLU,
-    residual adds, autocast's casts) made a forward + backward of the default model 1.26-1.40x as fast on
-    the Intel machine of docs/BENCHMARKS.md, after ~35 s of compilation on a cold cache. Sampling and the
+    residual adds, autocast's casts) made a forward + backward of the default model 1.22-1.40x as fast on
+    the Intel machine of docs/BENCHMARKS.md, after 30-35 s of compilation on a cold cache. Sampling and the
     no-grad scoring passes stay eager: their caches and patched kernels are not for the compiler. Callers
     pass `use_cache=False`, or dynamo would retrace the layer for each layer's cache entry. A layer whose
     forward someone else already patched (e.g. accelerate's offload hooks) is left alone."""
