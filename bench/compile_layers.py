@@ -1,6 +1,6 @@
 """Compiled decoder layers (`--compile`, `models.compiled_layers`) against eager ones: one forward + backward
 of the default policy in bf16 autocast at three training shapes (rows, tokens, response logits), left
-padding in one row, best of 3 each, alternating; and the first compiled call, which pays the compilation
+padding in one row, best of 3 compiled then best of 3 eager per shape; and the first compiled call, which pays the compilation
 (on a cold cache when run with TORCHINDUCTOR_CACHE_DIR set to an empty directory).
 Usage: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) .venv/bin/python bench/compile_layers.py"""
 

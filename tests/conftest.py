@@ -52,10 +52,13 @@ def saved_dtypes():
 
 
 @pytest.fixture
-def compiling():
+def compiling(monkeypatch):
     """For tests of `--compile`: skipped (visibly) where torch.compile cannot build kernels; fresh dynamo
-    state, so the test's own compilations count; hitting the recompile limit fails instead of quietly
-    running the rest eager."""
+    state, so the test's own layers compile; hitting the recompile limit fails instead of quietly running
+    the rest eager. Yields a record of every `compiled_layers` block entered with `enabled`: the model's
+    class name and whether each of its decoder layers was patched inside the block."""
+    import contextlib
+
     import torch
 
     from instrugo import models
@@ -64,5 +67,16 @@ def compiling():
     models._compiled_forward.cache_clear()
     if models.compile_unavailable():
         pytest.skip(f"torch.compile cannot build kernels here: {models.compile_unavailable()}")
+    blocks = []
+    real_compiled_layers = models.compiled_layers
+
+    @contextlib.contextmanager
+    def recording(model, enabled=True):
+        with real_compiled_layers(model, enabled):
+            if enabled:
+                blocks.append((type(model).__name__, ["forward" in vars(layer) for layer in models.decoder_layers(model)]))
+            yield
+
+    monkeypatch.setattr(models, "compiled_layers", recording)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
+        yield blocks

@@ -1,6 +1,5 @@
 """SFT on a tiny model: the response-only mask, the checkpoint plain transformers loads, and resume."""
 
-import contextlib
 import json
 
 import pytest
@@ -165,11 +164,11 @@ def test_micro_batches_hold_examples_of_neighbouring_lengths(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path, monkeypatch, compiling, lora_rank):
-    """`--compile` (full weights and LoRA): the training passes go through the compiled decoder layers
-    (dynamo compiles frames: the counter rises) and the run logs the same losses and gradient norms as the
-    eager one (fp32; responses of 1 to 40 words: several shapes, no recompilation past the limit). Every
-    layer is patched inside the block and plain again after it."""
+def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path, compiling, lora_rank):
+    """`--compile` (full weights and LoRA): every micro-batch's training pass goes through patched decoder
+    layers, dynamo compiles new frames for them, and the run logs the same losses and gradient norms as
+    the eager one (fp32; responses of 1 to 40 words: several shapes, no recompilation past the limit).
+    The layers are plain again after the block."""
     from torch._dynamo.utils import counters
 
     from instrugo import models
@@ -177,29 +176,20 @@ def test_compiled_layers_take_the_same_steps_as_eager_ones(tmp_path, monkeypatch
     rows = [{"prompt": f"Answer {i}.", "response": " ".join(["word"] * n)} for i, n in enumerate((40, 1, 12, 3, 25, 7))]
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    patched_inside = []
-    real_compiled_layers = models.compiled_layers
-
-    @contextlib.contextmanager
-    def recording(model, enabled=True):
-        with real_compiled_layers(model, enabled):
-            patched_inside.append([enabled and "forward" in vars(layer) for layer in models.decoder_layers(model)])
-            yield
-
-    monkeypatch.setattr(models, "compiled_layers", recording)
     logged = []
     for compile_layers in (False, True):
+        frames_before = counters["frames"]["ok"]
         out = run_sft(tiny_config(tmp_path / f"compile{compile_layers}", data, epochs=2.0, compile=compile_layers,
                                   lora_rank=lora_rank))
         logged.append(runio.read_metrics(out / "metrics.jsonl"))
-    assert counters["frames"]["ok"] > 0
-    assert [all(p) for p in patched_inside] == [False] * 6 + [True] * 6 and all(len(p) == 2 for p in patched_inside)
+    assert counters["frames"]["ok"] > frames_before
+    assert [patched for _, patched in compiling] == [[True, True]] * 6  # 2 epochs x micro-batches of 2, 2 and 2
     for eager, compiled in zip(*logged, strict=True):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
         assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-3)
 
     model = models.load_causal_lm("tiny")
-    with real_compiled_layers(model):
+    with models.compiled_layers(model):
         assert all("forward" in vars(layer) for layer in model.model.layers)
     assert not any("forward" in vars(module) for module in model.modules())
 

@@ -336,8 +336,11 @@ def compiled_layers(model, enabled: bool = True):
     no-grad scoring passes stay eager: their caches and patched kernels are not for the compiler. Callers
     pass `use_cache=False`, or dynamo would retrace the layer for each layer's cache entry. A layer whose
     forward someone else already patched (e.g. accelerate's offload hooks) is left alone."""
-    layers = decoder_layers(model) if enabled and not compile_unavailable() else []
-    if enabled and not layers and not compile_unavailable():
+    if not enabled or compile_unavailable():
+        yield
+        return
+    layers = decoder_layers(model)
+    if not layers:
         raise InputError("--compile", f"{type(model).__name__} names no repeated decoder layers (_no_split_modules) to compile")
     patched = []
     try:
@@ -453,6 +456,14 @@ def autocast(precision: str):
     """The autocast context for `precision` on the current device (a no-op for fp32)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def describe_compile(enabled: bool) -> str:
+    """A stage's start-up line on `--compile`. Probes the toolchain now, so that a fallback is said before
+    training starts, and the line never claims compiled layers that run eager."""
+    if not enabled:
+        return ""
+    return "; --compile unavailable, training eager" if compile_unavailable() else "; decoder layers compiled for training"
 
 
 def describe_precision(precision: str) -> str:

@@ -351,7 +351,7 @@ def run_ppo(config: PPOConfig) -> Path:
               f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
               f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
               + f"; {world} processes; precision {models.describe_precision(precision)}"
-              + ("; decoder layers compiled for training" if config.compile else "")
+              + models.describe_compile(config.compile)
               + (f"; resuming at iteration {start}" if start else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start or None, enabled=accelerator.is_main_process)
     # No nucleus cut: log-probs are recomputed from the full softmax, so truncated rollouts would be off-policy.

@@ -152,7 +152,7 @@ def run_sft(config: SFTConfig) -> Path:
               f"processes, micro-batches of {config.micro_batch_size} -> "
               f"{max(1, per_process // config.micro_batch_size)} accumulation steps); "
               f"{trainable:,}/{total:,} parameters train; precision {models.describe_precision(precision)}"
-              + ("; decoder layers compiled for training" if config.compile else "")
+              + models.describe_compile(config.compile)
               + (f"; resuming at step {start_step}" if start_step else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if start_step else None,
                          enabled=accelerator.is_main_process)
