@@ -29,7 +29,7 @@ print(f"{policy}: {n_prompts} eval prompts x {copies} samples, up to 192 new tok
 encoded = encode_prompts(tokenizer, prompts)
 for rows in (16, 128, 16):  # the first call is a warm-up (kernel selection, weight packing)
     ids, mask = pad_batch([encoded[i // (rows // 16)] for i in range(rows)], tokenizer.pad_token_id)
-    with torch.no_grad(), models.autocast(precision), models.decoding_attention(model), \
+    with torch.no_grad(), models.autocast(precision), models.inference_attention(model), \
             models.packed_linears(model, precision):
         started = time.perf_counter()
         model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask),

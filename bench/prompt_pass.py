@@ -20,7 +20,7 @@ prompts = [r["messages"] for r in load_split("eval")[:128]]
 ids, mask = pad_batch(sorted(encode_prompts(tokenizer, prompts), key=len), tokenizer.pad_token_id)
 print(f"128 eval prompts: {int(mask.sum())} tokens, {ids.shape[1]} wide once padded; {precision}")
 
-with torch.no_grad(), models.autocast(precision), models.decoding_attention(model), \
+with torch.no_grad(), models.autocast(precision), models.inference_attention(model), \
         models.packed_linears(model, precision):
     prompt_pass(model, ids, mask, ids.shape[1] + 192, 32)  # warm-up: kernel selection
     seconds: dict[int, list[float]] = {}

@@ -2,7 +2,7 @@ import torch
 
 from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, pad_batch, next_tokens,
                                  positions_skipping_padding, preallocated_cache, sample_responses)
-from instrugo.models import decoding_attention, load_causal_lm
+from instrugo.models import inference_attention, load_causal_lm
 
 EOS, PAD = 2, 0
 
@@ -72,7 +72,7 @@ def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, ti
     shared, separate = (pad_batch(prompts, tiny_tokenizer.pad_token_id)
                         for prompts in (encoded, [encoded[1], encoded[0], encoded[1]]))
     args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
-    with decoding_attention(model):
+    with inference_attention(model):
         out = decode(model, *shared, *args, prompt_of_row=torch.tensor([1, 0, 1]))
         assert out == decode(model, *separate, *args)
     assert out[0] != out[1]  # the two prompts continue differently, so a wrong mapping would show
@@ -139,7 +139,7 @@ def test_a_step_on_the_preallocated_cache_matches_a_full_forward_pass(tiny_token
     with torch.no_grad():
         expected = model(input_ids=full_ids, attention_mask=full_mask,
                          position_ids=positions_skipping_padding(full_mask)).logits[:, -1]
-        with decoding_attention(model):
+        with inference_attention(model):
             cache = preallocated_cache(model.config, ids.shape[1] + 4)
             model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask),
                   past_key_values=cache, use_cache=True)
@@ -173,7 +173,7 @@ def test_under_autocast_the_cache_stores_keys_in_bf16_and_gives_the_same_logits(
                                  use_cache=True).logits[:, -1])
         return torch.stack(outputs)
 
-    with torch.no_grad(), autocast("bf16"), decoding_attention(model):
+    with torch.no_grad(), autocast("bf16"), inference_attention(model):
         ours = preallocated_cache(model.config, ids.shape[1] + steps.shape[1])
         stored = logits_of_each_step(ours)
         recast = logits_of_each_step(DynamicCache(config=model.config))
@@ -198,7 +198,7 @@ def test_a_prompt_pass_in_groups_of_rows_gives_the_cache_and_logits_of_one_pass(
     model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
                                     with_kwargs=True)
     results = []
-    with torch.no_grad(), decoding_attention(model):
+    with torch.no_grad(), inference_attention(model):
         # One pass; then groups of 2, 2 and 1 rows, the first two narrower than the batch.
         for rows_per_pass in (5, 2):
             cache, logits = prompt_pass(model, ids, mask, ids.shape[1] + 1, rows_per_pass)
@@ -229,7 +229,7 @@ def test_decode_with_prompt_passes_in_groups_gives_the_tokens_of_one_pass(tiny_t
     args = (10, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, torch.Generator())
     copies = torch.tensor([3, 0, 2, 1, 3, 0])
     outputs = []
-    with decoding_attention(model):
+    with inference_attention(model):
         for rows in (100, 1):
             monkeypatch.setattr(generation, "PROMPT_PASS_ROWS", rows)
             outputs.append((decode(model, ids, mask, *args), decode(model, ids, mask, *args, prompt_of_row=copies)))
@@ -254,7 +254,7 @@ def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     prompts = ["Name a planet.", "Write a very long sentence about rivers, mountains and the sea.", "Hi"]
     ids, mask = pad_batch(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
-    with decoding_attention(model):
+    with inference_attention(model):
         ours = decode(model, ids, mask, 12, 0.0, 1.0, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id,
                       torch.Generator())
     with torch.no_grad():
@@ -305,3 +305,43 @@ def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokeniz
             packed = model(input_ids=ids).logits
     assert not any("forward" in vars(m) for m in model.modules())
     torch.testing.assert_close(packed.float(), expected.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_inference_attention_gives_eager_attentions_logits_and_restores_the_model(tiny_tokenizer, tiny_model_dir):
+    """The grouped-head kernel against eager attention (the tiny model groups 4 query heads on 2 key/value
+    heads) on every mask it meets: left padding, none (a purely causal block, which transformers passes as no
+    mask), and a continuation of a cache whose prompt rows are padded (the reward model's shared prompt pass)."""
+    from transformers import DynamicCache
+
+    from instrugo.generation import encode_prompts
+    from instrugo.models import GROUPED_ATTENTION, inference_attention
+
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
+    model.set_attn_implementation("eager")
+    padded = pad_batch(encode_prompts(tiny_tokenizer, ["Name a planet.", "Hi"]), tiny_tokenizer.pad_token_id)
+    unpadded = pad_batch(encode_prompts(tiny_tokenizer, ["Name a planet.", "Name a moon."]), tiny_tokenizer.pad_token_id)
+    assert bool(unpadded[1].all())
+    continuation = torch.tensor([[500, 501, 502], [600, 601, tiny_tokenizer.pad_token_id]])
+    continuation_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+    def passes():
+        outputs = []
+        for ids, mask in (padded, unpadded):
+            outputs.append(model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask)).logits)
+        ids, mask = padded
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_skipping_padding(mask), past_key_values=cache)
+        full_mask = torch.cat([mask, continuation_mask], 1)
+        outputs.append(model(input_ids=continuation, attention_mask=full_mask, past_key_values=cache,
+                             position_ids=positions_skipping_padding(full_mask)[:, -3:]).logits)
+        return outputs
+
+    with torch.no_grad():
+        eager = passes()
+        with inference_attention(model, model):
+            assert model.config._attn_implementation == GROUPED_ATTENTION
+            grouped = passes()
+    assert model.config._attn_implementation == "eager"
+    for expected, ours, mask in zip(eager, grouped, (padded[1], unpadded[1], continuation_mask)):
+        real = mask.bool()  # padded positions' outputs are never read
+        torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=1e-4)

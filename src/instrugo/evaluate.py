@@ -122,7 +122,7 @@ def response_kl(policy, reference, prompt_ids: list[list[int]], response_ids: li
         width = response_logits_width(batch["loss_mask"])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "position_ids": batch["position_ids"], "logits_to_keep": width}
-        with models.autocast(precision):
+        with models.autocast(precision), models.inference_attention(policy, reference):
             logits = policy(**inputs).logits
             ref_logits = reference(**inputs).logits
         # Position t predicts token t+1: the distributions over response tokens sit one step earlier.
@@ -144,7 +144,7 @@ def pretrain_loss(model, tokenizer, texts: list[str], precision: str, batch_size
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate([(ids, [1] * len(ids)) for ids in encoded], 0).items()}
-        with models.autocast(precision):
+        with models.autocast(precision), models.inference_attention(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tokens = batch["loss_mask"][:, 1:].sum().item()
         total += losses.response_lm_loss(logits.float(), batch["input_ids"], batch["loss_mask"]).item() * tokens

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from instrugo.models import autocast, decoding_attention, packed_linears
+from instrugo.models import autocast, inference_attention, packed_linears
 
 
 @dataclass
@@ -268,7 +268,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
     model.eval()
     device = next(model.parameters()).device
     greedy = config.temperature <= 0
-    with autocast(precision), decoding_attention(model), packed_linears(model, precision):
+    with autocast(precision), inference_attention(model), packed_linears(model, precision):
         for batch_number, start in enumerate(range(0, len(jobs), config.batch_size)):
             batch = jobs[start:start + config.batch_size]
             # Copies of a prompt are neighbours in `jobs`; each distinct prompt gets one prompt pass.

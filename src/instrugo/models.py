@@ -204,7 +204,7 @@ def load_causal_lm(path: str | os.PathLike, tokenizer=None, dropout: float | Non
 # matmul-softmax-matmul ("eager") path at the short sequences RLHF stages train on, and faster beyond,
 # where eager's S² attention weights also cost memory. `bench/attention.py` on the reference CPU
 # (SmolLM2-135M, bf16, forward + backward): 8 x 95 tokens 1.17 s eager vs 1.22 s SDPA, 8 x 320 2.98 vs
-# 3.36 s, 4 x 512 2.55 vs 3.00 s, 2 x 1024 7.32 vs 3.74 s. Decoding has its own kernel (`decoding_attention`).
+# 3.36 s, 4 x 512 2.55 vs 3.00 s, 2 x 1024 7.32 vs 3.74 s. No-grad passes have their own (`inference_attention`).
 EAGER_ATTENTION_MAX_TOKENS = 512
 
 
@@ -215,46 +215,48 @@ def attention_implementation(max_tokens: int | None) -> str | None:
     return "eager"
 
 
-def one_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
-    """Attention for a decode step (one query per row) as two batched matmuls, in transformers' attention
-    interface; longer queries (the prompt pass) go to SDPA. The query heads that share a key/value head
-    are stacked as rows of one matmul against that head's cache, so grouped heads are neither repeated
-    nor copied. Alone it is not faster than transformers' SDPA path at these shapes, but best-of-16
-    decoding on CPU ran at a median 479 vs 448 tokens/s with it (9 calls each, alternating;
-    bench/best_of_n_decode.py, docs/BENCHMARKS.md)."""
-    if query.shape[2] != 1 or kwargs.get("dropout", 0.0):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    rows, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
-    scores = torch.matmul(query.view(rows, kv_heads, heads // kv_heads, head_dim), key.transpose(-1, -2))
-    scores = scores.float() * (head_dim ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:  # boolean [rows, 1, 1, keys] from transformers' sdpa_mask: True = attend
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    output = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
-    return output.reshape(rows, 1, heads, head_dim), None
+def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      is_causal: bool | None = None, **kwargs):
+    """PyTorch's fused attention with grouped key/value heads (`enable_gqa`), in transformers' attention
+    interface: the kernel reads the grouped heads, and a KV cache's strided views, as they lie.
+    Transformers' own SDPA path repeats the grouped heads whenever there is a mask (a copy of the keys and
+    values; of the whole cache at every decode step), and two batched matmuls copy the cache's strided views
+    to make them contiguous. Measured in bench/attention.py (docs/BENCHMARKS.md): per layer of a decode step
+    at batch 128 over 250 cached tokens 1.36 ms against 3.48 ms for the two matmuls; a no-grad forward pass
+    of 32 x 150 tokens 1.43 s against 1.73 s eager and 1.52 s with transformers' SDPA. Training keeps eager
+    attention (`attention_implementation`): with a backward pass this kernel is slower at these lengths."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True,
+        # transformers drops the mask when it is purely causal over a square block
+        is_causal=bool(is_causal and attention_mask is None and query.shape[2] > 1))
+    return output.transpose(1, 2).contiguous(), None
 
 
-ONE_QUERY_ATTENTION = "instrugo_one_query"
-AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
-AttentionMaskInterface.register(ONE_QUERY_ATTENTION, sdpa_mask)
+GROUPED_ATTENTION = "instrugo_grouped_sdpa"
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
-def decoding_attention(model):
-    """Inside the block the model decodes with `one_query_attention` on CPU, and with SDPA elsewhere (its
-    GPU kernels decode well). Eager attention, which the stages train with on CPU, would repeat grouped
-    key/value heads: a copy of the whole cache at every step."""
-    wanted = "sdpa" if next(model.parameters()).device.type == "cuda" else ONE_QUERY_ATTENTION
-    loaded = getattr(model.config, "_attn_implementation", None)
-    if loaded == wanted:
-        yield
-        return
-    model.set_attn_implementation(wanted)
+def inference_attention(*modules):
+    """Inside the block these models run no-grad passes (decoding, scoring) with `grouped_attention` on
+    CPU, and with SDPA on GPUs (whose kernels do well there); afterwards they are as they were. Not for
+    passes whose numbers must match a training pass exactly (PPO's old log-probabilities)."""
+    switched = []
     try:
+        for model in {id(m): m for m in modules}.values():
+            wanted = "sdpa" if next(model.parameters()).device.type == "cuda" else GROUPED_ATTENTION
+            loaded = getattr(model.config, "_attn_implementation", None)
+            if loaded != wanted:
+                model.set_attn_implementation(wanted)
+                switched.append((model, loaded))
         yield
     finally:
-        model.set_attn_implementation(loaded)
+        for model, loaded in switched:
+            model.set_attn_implementation(loaded)
 
 
 def _packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -198,7 +198,7 @@ def score_texts(model, tokenizer, prompts: list, responses: list[str], precision
         batches[-1].append(unit)
     scores = [0.0] * len(sequences)
     for batch in batches:
-        with models.autocast(precision):
+        with models.autocast(precision), models.inference_attention(model):
             scored = (raw_scores(model, [[sequences[i] for i in unit] for unit in batch], tokenizer.pad_token_id)
                       + bias).tolist()
         for i, score in zip((i for unit in batch for i in unit), scored):
