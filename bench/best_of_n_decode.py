@@ -1,7 +1,8 @@
-"""Decoding as best-of-n runs it: 16 `eval` prompts x 16 samples at temperature 1, up to 192 new tokens,
-batch 128 (8 prompts' samples per batch, sharing each prompt's pass), the default model, bf16; three
-calls with seeds 0-2. Run it with another commit's src on PYTHONPATH to compare.
-Usage: .venv/bin/python bench/best_of_n_decode.py"""
+"""Decoding as best-of-n runs it: the first PROMPTS `eval` prompts (default 16) x 16 samples at
+temperature 1, up to 192 new tokens, batch 128 (each prompt's samples sharing its pass), the default model,
+bf16; three calls with seeds 0-2. Run it with another commit's src on PYTHONPATH to compare.
+Usage: .venv/bin/python bench/best_of_n_decode.py [PROMPTS]"""
+import sys
 import time
 
 from instrugo import models
@@ -11,7 +12,7 @@ from instrugo.generation import SamplingConfig, sample_responses
 precision = models.setup_compute("bf16")
 tokenizer = models.load_tokenizer("default")
 model = models.load_causal_lm("default", tokenizer).eval()
-prompts = [r["messages"] for r in load_split("eval")[:16]]
+prompts = [r["messages"] for r in load_split("eval")[:int(sys.argv[1]) if len(sys.argv) > 1 else 16]]
 runs = []
 for seed in range(3):
     started = time.perf_counter()

@@ -89,7 +89,7 @@ def agreed_precision(requested: str) -> str:
 
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     """An Accelerator with bf16 autocast when `precision == "bf16"` (fp32 master weights either way)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, GradientState
 
     # Stages run one after another in one process (`instrugo run`, tests) and may ask for different
@@ -99,8 +99,12 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     GradientState._reset_state()
     state = process_state()
     # Schedules are defined per optimiser step; accelerate would otherwise step them once per process.
+    # No buffer broadcast at each forward: the models' buffers (rotary frequencies) are constants, and the
+    # broadcast is a collective, so processes making different numbers of forward calls per backward pass
+    # (the reward model's response passes are split by length) would wait on each other forever.
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=state.device.type == "cpu",
-                       gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
+                       gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 COMPILE_HELP = ("Compile the decoder layers for the training passes (torch.compile; needs a C++ compiler, "
