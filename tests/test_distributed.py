@@ -18,12 +18,12 @@ from test_reward import synthetic_rankings
 from test_sft import write_demonstrations
 
 
-def launch(args, cwd, processes=2, module=True):
+def launch(args, cwd, processes=2, module=True, timeout=300):
     """Run `instrugo ARGS` (or, without `module`, the Python script ARGS) in `processes` processes under
     torchrun; return the launch's output."""
     target = ["-m", "instrugo.cli", *args] if module else args
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *target]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -113,6 +113,28 @@ def test_a_checkpoint_restores_every_processs_random_state(tmp_path):
     # One process cannot continue it: the second process's share and random stream would be lost.
     with pytest.raises(InputError, match="field 'processes': saved by 2 process"):
         training.load_checkpoint(training.make_accelerator("fp32"), tmp_path)
+
+
+UNEQUAL_FORWARDS_SCRIPT = """
+import torch
+from instrugo import models, training
+
+accelerator = training.make_accelerator("fp32")
+model = accelerator.prepare(models.load_causal_lm("tiny"))  # its rotary frequencies are a buffer
+ids = torch.randint(100, 1000, (2, 6))
+# Process 0 makes two forward calls before its backward pass, process 1 one: as the reward model's response
+# passes, split by length, do. A collective inside forward (DDP's buffer broadcast) would wait forever.
+calls = 2 if accelerator.process_index == 0 else 1
+accelerator.backward(sum(model(input_ids=ids).logits.float().mean() for _ in range(calls)))
+print(f"process {accelerator.process_index}: backward done")
+"""
+
+
+def test_processes_may_make_different_numbers_of_forward_calls_per_backward(tmp_path):
+    script = tmp_path / "unequal_forwards.py"
+    script.write_text(UNEQUAL_FORWARDS_SCRIPT)
+    log = launch([str(script)], tmp_path, module=False, timeout=120)
+    assert "process 0: backward done" in log and "process 1: backward done" in log
 
 
 def test_run_trains_on_every_process_and_evaluates_once(tmp_path):

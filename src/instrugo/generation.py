@@ -6,7 +6,8 @@ rows that have emitted EOS leave the batch (their cache rows are dropped), so th
 its responses' lengths instead of the longest one's, and a step is one forward pass plus a few tensor ops.
 Samples of the same prompt share one prompt pass (best-of-n and K-way sampling draw many per prompt).
 What makes a step cheap on CPU (measured in bench/attention.py): linear weights packed once per call for
-oneDNN (`models.packed_linears`), a KV cache written in place, and one uniform draw per row to sample.
+oneDNN (`models.packed_linears`), a KV cache written in place and read without copies by a fused
+attention kernel (`models.grouped_attention`), and one uniform draw per row to sample.
 Each response ends at its first EOS, and we keep whether it had one (PPO gives responses without EOS a
 fixed low score).
 """
