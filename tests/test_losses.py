@@ -100,6 +100,10 @@ def test_entropy_from_logits():
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     close(losses.entropy_from_logits(logits, torch.tensor([[1.0, 0.0]])), expected)
     close(losses.entropy_from_logits(torch.zeros(1, 3, 4), torch.ones(1, 3)), math.log(4))
+    # At temperature 2 the first position's logits become (0, ln √3): p = (1, √3) / (1 + √3).
+    p = 1 / (1 + math.sqrt(3))
+    hot = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    close(losses.entropy_from_logits(logits.bfloat16(), torch.tensor([[1.0, 0.0]]), temperature=2.0), hot, tol=1e-2)
 
 
 # --- K-way ranking loss ------------------------------------------------------------------------------

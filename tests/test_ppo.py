@@ -76,7 +76,7 @@ def tiny_ppo_config(tmp_path, rm, **overrides):
     values = dict(policy="tiny", reward_model=str(rm), out=str(tmp_path / "ppo"), total_episodes=24,
                   episodes_per_batch=8, minibatches=2, micro_batch_size=4, max_new_tokens=12, lr=1e-4,
                   value_lr=1e-4, warmup_iterations=0, value_warmup_iterations=0, ptx_coef=27.8, ptx_ratio=0.5, ptx_max_length=32,
-                  ema_decay=0.9, precision="fp32")
+                  ema_decay=0.9, precision="fp32", save_every=1)
     values.update(overrides)
     return PPOConfig(**values)
 

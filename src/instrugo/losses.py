@@ -98,11 +98,14 @@ def response_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torc
     return masked_mean(nll, mask)
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens of the entropy H = logsumexp(z) − Σ softmax(z)·z of each position."""
-    logits = logits.float()
-    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return masked_mean(entropy, mask)
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Masked mean over tokens of the entropy H = logsumexp(z) − Σ softmax(z)·z of each position, for
+    z = logits / temperature (the sampling distribution); one row at a time in fp32, as `token_logprobs`."""
+    rows = []
+    for row_logits in logits:
+        z = row_logits.float() / temperature
+        rows.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return masked_mean(torch.stack(rows), mask)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def run_sft(config: SFTConfig) -> Path:
             with sync, accelerator.autocast(), models.compiled_layers(model, config.compile):
                 logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                                position_ids=tensors["position_ids"], logits_to_keep=width, use_cache=False).logits
-                loss = losses.response_lm_loss(logits.float(), tensors["input_ids"][:, -width:],
+                loss = losses.response_lm_loss(logits, tensors["input_ids"][:, -width:],
                                                tensors["loss_mask"][:, -width:])
                 share = weight * tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
                 accelerator.backward(loss * share * world)  # processes' gradients are averaged, not summed
