@@ -33,10 +33,12 @@ class Sample:
 
 
 # Sequences decoded together by default. A decode step reads every weight once whatever the batch, so
-# bigger batches pay until the step turns compute-bound: 453-508 tokens/s at batch 32, 696-749 at 128, and
-# 256 level with 128 in two runs (bench/decode_batch.py, docs/BENCHMARKS.md). The default model's KV cache for 128 rows of 250 tokens is
-# 30 layers x 2 (keys, values) x 3 heads x 64 dims x 2 bytes (bf16) per row and token: ~0.74 GB.
-DECODE_BATCH_SIZE = 128
+# bigger batches pay until attention over the cache dominates. With the fused grouped-head kernel
+# (models.grouped_attention) on the Intel machine of docs/BENCHMARKS.md: 323 tokens/s at batch 32, 630 at
+# 128, 706 at 256 (bench/decode_batch.py); best-of-16 on 32 prompts 733 at 128, 861-881 at 256 and 507-642
+# at 512. The default model's KV cache for 256 rows of 250 tokens is 30 layers x 2 (keys, values) x
+# 3 heads x 64 dims x 2 bytes (bf16) per row and token: ~1.5 GB.
+DECODE_BATCH_SIZE = 256
 
 
 @dataclass
