@@ -62,7 +62,8 @@ class Settings:
     heldout_fraction: float = 0.1
     rm_test_prompts: int = 100        # per K: further prompts whose rankings only measure accuracy, both sides
     generate_rounds: int = 3
-    sample_batch: int = 128           # generation is also measured at the stages' decode batch and length
+    sample_batch: int = 128           # generation is also measured at batch 128 (the stages' decode batch from
+                                      # 2026-11-25 to 2026-12-06; kept so that rows compare across runs)
     sample_response_length: int = 128
     matmul_size: int = 2048
     seed: int = 0

@@ -67,6 +67,14 @@ def test_token_logprobs_matches_log_softmax_in_value_and_gradient_and_returns_fp
     close(ours, reference)
     close(our_grad, logits.grad)
     assert losses.token_logprobs(logits.detach().bfloat16(), tokens).dtype == torch.float32
+    # bf16 logits (autocast's lm_head output), cast and divided row by row: the same values and gradient,
+    # bit for bit, as casting and dividing the whole batch first.
+    half, cast_first = (logits.detach().bfloat16().requires_grad_() for _ in range(2))
+    rowwise = losses.token_logprobs(half, tokens, temperature=0.7)
+    batchwise = losses.token_logprobs(cast_first.float() / 0.7, tokens)
+    (rowwise * torch.arange(15.0).view(3, 5)).sum().backward()
+    (batchwise * torch.arange(15.0).view(3, 5)).sum().backward()
+    assert torch.equal(rowwise, batchwise) and torch.equal(half.grad, cast_first.grad)
 
 
 def test_response_lm_loss_is_mean_nll_of_response_tokens_only():

@@ -72,8 +72,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
     Dividing by the sampling temperature makes the recomputed log-probs those of the distribution the
     tokens were actually sampled from (N details). Computed as logit[token] − logsumexp(logits) one row
-    at a time, so at most one row's fp32 copy of the vocabulary dimension exists besides the input,
-    instead of a full [B, T, V] log-softmax.
+    at a time, so without autograd at most one row's fp32 copy of the vocabulary dimension exists besides
+    the input (with autograd each row's copy is kept for the backward pass), instead of a full [B, T, V]
+    log-softmax; bf16 logits are cast row by row.
     """
     rows = []
     for row_logits, row_tokens in zip(logits, tokens):

@@ -89,7 +89,7 @@ STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rm": dict(lr=1e-3, prompts_per_batch=8, micro_batch_prompts=4, max_length=192, normalize_examples=8),
         "ppo": dict(total_episodes=16, episodes_per_batch=8, minibatches=1, micro_batch_size=8, max_new_tokens=16,
                     lr=1e-4, value_lr=1e-4, warmup_iterations=0, value_warmup_iterations=0, ptx_ratio=0.5,
-                    ptx_max_length=48),
+                    ptx_max_length=48, save_every=1),
         "eval": dict(max_new_tokens=24, pretrain_examples=8, batch_size=16),
     },
 }

@@ -105,7 +105,7 @@ class PPOConfig:
     rollout_batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     compile: bool = option(False, training.COMPILE_HELP)
-    save_every: int = option(5, "Checkpoint every N iterations (a kill loses at most N-1). The default model's "
+    save_every: int = option(5, "Checkpoint every N iterations (a kill loses the iterations since the last one). The default model's "
                                 "checkpoint (policy, value network, their optimisers) is ~3 GB: ~10 s per save "
                                 "against ~55 s per demo iteration on the reference CPU.")
     seed: int = option(0, "Seed (per process: seed + rank·100003).")
@@ -113,7 +113,7 @@ class PPOConfig:
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(total_episodes=32, episodes_per_batch=16, minibatches=2, micro_batch_size=8,
                      max_new_tokens=24, lr=1e-4, value_lr=1e-4, warmup_iterations=0, value_warmup_iterations=0,
-                     ptx_ratio=1.0),
+                     ptx_ratio=1.0, save_every=1),
     }
 
     def validate(self) -> None:
@@ -492,7 +492,8 @@ def run_ppo(config: PPOConfig) -> Path:
                     if not finite:
                         raise SystemExit(f"ppo: non-finite loss at iteration {iteration + 1} ("
                                          + ", ".join(f"{name} {loss}" for name, loss in latest.items())
-                                         + f"); the last checkpoint in {out} is intact. Lower --lr or raise --kl-coef.")
+                                         + f"); the last checkpoint in {out}, if any (every --save-every iterations), is intact. "
+                                         "Lower --lr or raise --kl-coef.")
                 trained = (("policy", policy, policy_optimizer, policy_schedule),) if train_policy else ()
                 for name, model, optimizer, schedule in trained + (("value", value, value_optimizer, value_schedule),):
                     if config.max_grad_norm:  # logged before clipping, to compare with max_grad_norm
