@@ -67,20 +67,24 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # Language-model log-probabilities and losses
 
 
+def rows_at_temperature(logits: torch.Tensor, temperature: float):
+    """Each batch row of `logits` [B, T, V] as fp32 logits / temperature, one row at a time: without
+    autograd at most one row's fp32 copy of the vocabulary dimension exists besides the input (with
+    autograd each row's copy is kept for the backward pass), instead of a whole [B, T, V] fp32 batch.
+    Dividing by the sampling temperature gives the distribution the tokens were sampled from (N details)."""
+    for row_logits in logits:
+        row_logits = row_logits.float()
+        yield row_logits / temperature if temperature != 1.0 else row_logits
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[token] for each position: [B, T, V], [B, T] → [B, T] (fp32).
 
-    Dividing by the sampling temperature makes the recomputed log-probs those of the distribution the
-    tokens were actually sampled from (N details). Computed as logit[token] − logsumexp(logits) one row
-    at a time, so without autograd at most one row's fp32 copy of the vocabulary dimension exists besides
-    the input (with autograd each row's copy is kept for the backward pass), instead of a full [B, T, V]
-    log-softmax; bf16 logits are cast row by row.
+    Computed as logit[token] − logsumexp(logits) over `rows_at_temperature`, not as a full [B, T, V]
+    log-softmax; bf16 logits (autocast's) are cast row by row.
     """
     rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        row_logits = row_logits.float()
-        if temperature != 1.0:
-            row_logits = row_logits / temperature
+    for row_logits, row_tokens in zip(rows_at_temperature(logits, temperature), tokens):
         picked = row_logits.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(row_logits, dim=-1))
     return torch.stack(rows)
@@ -101,12 +105,10 @@ def response_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torc
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Masked mean over tokens of the entropy H = logsumexp(z) − Σ softmax(z)·z of each position, for
-    z = logits / temperature (the sampling distribution); one row at a time in fp32, as `token_logprobs`."""
-    rows = []
-    for row_logits in logits:
-        z = row_logits.float() / temperature
-        rows.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
-    return masked_mean(torch.stack(rows), mask)
+    z = logits / temperature (the sampling distribution), over `rows_at_temperature`."""
+    entropy = [torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+               for z in rows_at_temperature(logits, temperature)]
+    return masked_mean(torch.stack(entropy), mask)
 
 
 # ---------------------------------------------------------------------------------------------------
