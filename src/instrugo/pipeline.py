@@ -48,6 +48,8 @@ class RunConfig:
     best_of: int = option(16, "Best-of-n baseline in the final evaluation (0 = skip).")
     eval_prompts: int = option(100, "Prompts per evaluation split (0 = all).")
     seed: int = option(0, "Seed for every stage.")
+    stage_processes: bool = option(True, "Run each stage in a fresh process (single-process runs; under a "
+                                         "multi-process launch the launched processes run the stages).")
 
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(model="tiny", k=4, prompts_per_round=24, best_of=4, eval_prompts=12),
@@ -117,6 +119,7 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     processes = training.process_state()
     main = processes.is_main_process
+    fresh_processes = config.stage_processes and processes.num_processes == 1
 
     def timed(name: str, stage_dir: Path | None, fn, *args, every_process: bool = False):
         """Run a stage (on every process when it trains, else on the main one) and record its seconds."""
@@ -127,7 +130,9 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
         if main:
             print(f"run: {name}")
         started = time.perf_counter()
-        result = fn(*args) if every_process or main else None
+        result = None
+        if every_process or main:
+            result = in_fresh_process(name, fn, *args) if fresh_processes else fn(*args)
         processes.wait_for_everyone()
         if main:
             update_json(run_dir / "eval.json", {"seconds": {name: round(time.perf_counter() - started, 1)}})
@@ -188,6 +193,33 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
         report = write_report(run_dir)
         print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}")
     return run_dir
+
+
+# Imported once by the server that forks the stages' processes.
+STAGE_MODULES = ["instrugo.sft", "instrugo.sample", "instrugo.labelers", "instrugo.reward", "instrugo.ppo",
+                 "instrugo.evaluate"]
+
+
+def in_fresh_process(name: str, fn, *args):
+    """`fn(*args)` in a new process: its result, or its exception raised here. A stage run after others in
+    the same process ran up to 2x slower on the reference CPU (docs/BENCHMARKS.md, cause not found), and a
+    stage's memory goes back to the system when its process ends. The process is forked from a server that
+    imported the stages' modules once (forkserver; spawn where there is none), so it starts in a fraction
+    of a second instead of after ~4 s of imports."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(STAGE_MODULES)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            return pool.submit(fn, *args).result()
+    except BrokenProcessPool:
+        raise SystemExit(f"run: the process of stage {name} ended abruptly (killed, or out of memory?); run the "
+                         "same command again to resume from the stage's last checkpoint") from None
 
 
 def wait_for_human_labels(tasks: Path, labeled: Path, say: bool = True) -> None:

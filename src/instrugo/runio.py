@@ -28,6 +28,11 @@ class InputError(Exception):
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses from a stage's process to `instrugo run` (pickle would
+        # otherwise call InputError(formatted message) and fail).
+        return InputError, (self.path, self.message, self.line, self.field)
+
 
 def _fsync_dir(path: Path) -> None:
     try:
