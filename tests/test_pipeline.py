@@ -1,11 +1,15 @@
-"""`instrugo run --preset tiny --rounds 2` end to end through the CLI: every stage, eval.json, report.html."""
+"""`instrugo run --preset tiny --rounds 2` end to end through the CLI: every stage, eval.json, report.html.
+Each stage runs in its own process (the default), so these tests also cover that path."""
 
 import json
+import os
 
+import pytest
 from typer.testing import CliRunner
 
-from instrugo import runio
+from instrugo import pipeline, runio
 from instrugo.cli import app
+from instrugo.runio import InputError
 
 
 def test_tiny_run_two_rounds_produces_eval_and_report(tmp_path):
@@ -34,8 +38,28 @@ def test_tiny_run_two_rounds_produces_eval_and_report(tmp_path):
     assert report["reward_model"]["n_comparisons"] > 0
     assert {"sft", "eval", "round1/rm", "round2/ppo_ptx"} <= set(report["seconds"])
     assert (out / "report.html").stat().st_size > 10_000
+    # Every stage ran in its own process, whose peak memory is recorded (a process with torch loaded: > 0.2 GiB).
+    assert set(report["peak_rss_gib"]) == set(report["seconds"])
+    assert all(0.2 < gib < 16 for gib in report["peak_rss_gib"].values()), report["peak_rss_gib"]
+    assert "peak RSS" in (out / "report.html").read_text()
 
     # Re-running the same command finds every stage complete and only re-evaluates (from cached generations).
     again = CliRunner().invoke(app, ["run", "--preset", "tiny", "--rounds", "2", "--out", str(out)])
     assert again.exit_code == 0
     assert "sft already complete" in again.output and "round2/ppo_ptx already complete" in again.output
+
+
+def test_an_input_error_in_a_stage_process_reaches_the_command_intact(tmp_path):
+    # The SFT stage's process finds no model at that path; the error crosses back to `instrugo run` with its
+    # parts (the CLI prints it as one line) and the stage is not marked complete.
+    missing = tmp_path / "no-model-here"
+    result = CliRunner().invoke(app, ["run", "--preset", "tiny", "--model", str(missing), "--out", str(tmp_path / "run")])
+    assert isinstance(result.exception, InputError), repr(result.exception)
+    assert result.exception.path == str(missing) and "not a model" in str(result.exception)
+    assert type(result.exception.__cause__).__name__ == "_RemoteTraceback"  # raised in the stage's process
+    assert not runio.is_complete(tmp_path / "run" / "sft")
+
+
+def test_a_stage_process_that_dies_ends_the_run_with_one_line():
+    with pytest.raises(SystemExit, match="stage round1/rm ended abruptly"):
+        pipeline.in_fresh_process("round1/rm", os._exit, 9)

@@ -19,6 +19,8 @@ under `sft:`, `sample:`, `label:`, `rm:`, `ppo:` and `eval:`.
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,12 +132,15 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
         if main:
             print(f"run: {name}")
         started = time.perf_counter()
-        result = None
-        if every_process or main:
-            result = in_fresh_process(name, fn, *args) if fresh_processes else fn(*args)
+        result, peak_gib = None, None
+        if fresh_processes:
+            result, peak_gib = in_fresh_process(name, fn, *args)
+        elif every_process or main:
+            result = fn(*args)
         processes.wait_for_everyone()
         if main:
-            update_json(run_dir / "eval.json", {"seconds": {name: round(time.perf_counter() - started, 1)}})
+            update_json(run_dir / "eval.json", {"seconds": {name: round(time.perf_counter() - started, 1)}}
+                        | ({"peak_rss_gib": {name: round(peak_gib, 2)}} if peak_gib is not None else {}))
         return result
 
     def make(name: str, cls: type, **fixed):
@@ -200,12 +205,20 @@ STAGE_MODULES = ["instrugo.sft", "instrugo.sample", "instrugo.labelers", "instru
                  "instrugo.evaluate"]
 
 
-def in_fresh_process(name: str, fn, *args):
-    """`fn(*args)` in a new process: its result, or its exception raised here. A stage run after others in
-    the same process ran up to 2x slower on the reference CPU (docs/BENCHMARKS.md, cause not found), and a
-    stage's memory goes back to the system when its process ends. The process is forked from a server that
-    imported the stages' modules once (forkserver; spawn where there is none), so it starts in a fraction
-    of a second instead of after ~4 s of imports."""
+def measured(fn, *args) -> tuple[Any, float]:
+    """`fn(*args)` and this process's peak resident memory in GiB (Linux counts KiB, macOS bytes)."""
+    result = fn(*args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return result, peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def in_fresh_process(name: str, fn, *args) -> tuple[Any, float]:
+    """`fn(*args)` in a new process: its result and the process's peak resident memory in GiB, or its
+    exception raised here. A stage run after others in the same process ran up to 2x slower on the
+    reference CPU (docs/BENCHMARKS.md, cause not found), and a stage's memory goes back to the system when
+    its process ends. The process is forked from a server that imported the stages' modules once
+    (forkserver; spawn where there is none), so it starts in a fraction of a second instead of after ~4 s
+    of imports. `time -v` on `instrugo run` no longer sees these processes: eval.json has their peaks."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -216,7 +229,7 @@ def in_fresh_process(name: str, fn, *args):
         context.set_forkserver_preload(STAGE_MODULES)
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            return pool.submit(fn, *args).result()
+            return pool.submit(measured, fn, *args).result()
     except BrokenProcessPool:
         raise SystemExit(f"run: the process of stage {name} ended abruptly (killed, or out of memory?); run the "
                          "same command again to resume from the stage's last checkpoint") from None

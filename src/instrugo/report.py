@@ -109,7 +109,7 @@ def read_eval(path: Path) -> dict:
             kinds = check_mapping(summary.get("pass_rate_by_kind", {}), path, f"{field}.pass_rate_by_kind")
             check_numbers(kinds, path, f"{field}.pass_rate_by_kind.")
             check_numbers({k: v for k, v in summary.items() if k != "pass_rate_by_kind"}, path, f"{field}.")
-    for section in ("pretrain_loss", "seconds"):
+    for section in ("pretrain_loss", "seconds", "peak_rss_gib"):
         check_numbers(check_mapping(data.get(section, {}), path, section), path, f"{section}.")
     for section in ("reward_model", "policies", "labelers"):
         check_mapping(data.get(section, {}), path, section)
@@ -444,10 +444,14 @@ def rm_and_timings(data: RunData) -> str:
                  "~73%. Accuracy vs gold near 50% means PPO is optimising noise.</p>"
                if rm_rows else missing("No reward model yet."))
     seconds = data.eval.get("seconds", {})
-    time_rows = [[html.escape(stage), fmt_seconds(s)] for stage, s in seconds.items() if finite(s)]
+    peaks = data.eval.get("peak_rss_gib", {})  # recorded when stages run in their own processes
+    time_rows = [[html.escape(stage), fmt_seconds(s)] + ([fmt(peaks.get(stage), "{:.1f} GiB")] if peaks else [])
+                 for stage, s in seconds.items() if finite(s)]
     if time_rows:
-        time_rows.append(["<b>total</b>", f"<b>{fmt_seconds(sum(s for s in seconds.values() if finite(s)))}</b>"])
-    time_part = table(["stage", "time"], time_rows) if time_rows else missing("No stage timings recorded.")
+        time_rows.append(["<b>total</b>", f"<b>{fmt_seconds(sum(s for s in seconds.values() if finite(s)))}</b>"]
+                         + ([f"<b>{max(peaks.values()):.1f} GiB</b>"] if peaks else []))
+    time_part = (table(["stage", "time"] + (["peak RSS"] if peaks else []), time_rows) if time_rows
+                 else missing("No stage timings recorded."))
     return (f'<div class="columns"><div><h3>Reward model and labels</h3>{rm_part}</div>'
             f'<div><h3>Stage timings</h3>{time_part}</div></div>')
 
