@@ -3,6 +3,9 @@ Each stage runs in its own process (the default), so these tests also cover that
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +66,31 @@ def test_an_input_error_in_a_stage_process_reaches_the_command_intact(tmp_path):
 def test_a_stage_process_that_dies_ends_the_run_with_one_line():
     with pytest.raises(SystemExit, match="stage round1/rm ended abruptly"):
         pipeline.in_fresh_process("round1/rm", os._exit, 9)
+
+
+def test_a_stage_process_ends_when_the_run_is_killed(tmp_path):
+    # A killed `instrugo run` must not leave its stage running on, writing into the run directory. The
+    # stage here is a shell (os.system) that records its parent, the stage's process, then sleeps.
+    pid_file = tmp_path / "stage.pid"
+    code = ("import os; from instrugo import pipeline; "
+            f"pipeline.in_fresh_process('sft', os.system, 'echo $PPID $$ > {pid_file}; exec sleep 60')")
+    run = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage_pid, shell_pid = map(int, pid_file.read_text().split())
+    try:
+        run.kill()
+        run.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+        deadline = time.monotonic() + 20
+        while alive(stage_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(stage_pid)
+    finally:
+        os.kill(shell_pid, 9)

@@ -19,7 +19,10 @@ under `sft:`, `sample:`, `label:`, `rm:`, `ppo:` and `eval:`.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -200,9 +203,16 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     return run_dir
 
 
-# Imported once by the server that forks the stages' processes.
-STAGE_MODULES = ["instrugo.sft", "instrugo.sample", "instrugo.labelers", "instrugo.reward", "instrugo.ppo",
-                 "instrugo.evaluate"]
+def end_with_parent() -> None:
+    """Have the kernel end this process when its parent does (Linux; elsewhere nothing): a stage's process
+    must not outlive a killed `instrugo run` and write on into the run directory while the command is started
+    again."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request
+        os._exit(1)
 
 
 def measured(fn, *args) -> tuple[Any, float]:
@@ -213,22 +223,18 @@ def measured(fn, *args) -> tuple[Any, float]:
 
 
 def in_fresh_process(name: str, fn, *args) -> tuple[Any, float]:
-    """`fn(*args)` in a new process: its result and the process's peak resident memory in GiB, or its
-    exception raised here. A stage run after others in the same process ran up to 2x slower on the
-    reference CPU (docs/BENCHMARKS.md, cause not found), and a stage's memory goes back to the system when
-    its process ends. The process is forked from a server that imported the stages' modules once
-    (forkserver; spawn where there is none), so it starts in a fraction of a second instead of after ~4 s
-    of imports. `time -v` on `instrugo run` no longer sees these processes: eval.json has their peaks."""
+    """`fn(*args)` in a new Python process (multiprocessing's spawn: nothing inherited but the arguments):
+    its result and the process's peak resident memory in GiB, or its exception raised here. A stage run after
+    others in the same process ran up to 2x slower on the reference CPU (docs/BENCHMARKS.md, cause not
+    found), and a stage's memory goes back to the system when its process ends. The price is ~4 s of imports
+    per stage."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(STAGE_MODULES)
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=end_with_parent) as pool:
             return pool.submit(measured, fn, *args).result()
     except BrokenProcessPool:
         raise SystemExit(f"run: the process of stage {name} ended abruptly (killed, or out of memory?); run the "
