@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import resource
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -203,42 +205,77 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     return run_dir
 
 
-def end_with_parent() -> None:
-    """Have the kernel end this process when its parent does (Linux; elsewhere nothing): a stage's process
-    must not outlive a killed `instrugo run` and write on into the run directory while the command is started
-    again."""
+def end_with_parent(parent: int) -> None:
+    """Have the kernel end this process when its parent, process `parent`, does (Linux; elsewhere nothing):
+    a stage's process must not outlive a killed `instrugo run` and write on into the run directory while the
+    command is started again. Also ends it now if the parent died while it started."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # 1: PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:
         os._exit(1)
 
 
-def measured(fn, *args) -> tuple[Any, float]:
-    """`fn(*args)` and this process's peak resident memory in GiB (Linux counts KiB, macOS bytes)."""
-    result = fn(*args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return result, peak / (2**30 if sys.platform == "darwin" else 2**20)
+def peak_rss_gib() -> float:
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss would include the parent's at spawn)."""
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return kib / 2**20
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def run_stage_process(send, parent: int, fn, args: tuple) -> None:
+    """The stage process: `fn(*args)`, then ("result", value, peak GiB) or ("error", exception, traceback)
+    to the parent. An exception that would not survive the trip (pickle rebuilds it from its arguments)
+    goes as a RuntimeError naming it."""
+    end_with_parent(parent)
+    try:
+        outcome = ("result", fn(*args), peak_rss_gib())
+    except BaseException as error:  # SystemExit and KeyboardInterrupt too: the parent decides
+        details = traceback.format_exc()
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        outcome = ("error", error, details)
+    send.send(outcome)
 
 
 def in_fresh_process(name: str, fn, *args) -> tuple[Any, float]:
     """`fn(*args)` in a new Python process (multiprocessing's spawn: nothing inherited but the arguments):
-    its result and the process's peak resident memory in GiB, or its exception raised here. A stage run after
-    others in the same process ran up to 2x slower on the reference CPU (docs/BENCHMARKS.md, cause not
-    found), and a stage's memory goes back to the system when its process ends. The price is ~4 s of imports
-    per stage."""
+    its result and the process's peak resident memory in GiB, or its exception raised here with the stage's
+    traceback as a note. A stage run after others in the same process ran up to 2x slower on the reference
+    CPU (docs/BENCHMARKS.md, cause not found), and a stage's memory goes back to the system when its process
+    ends. The price is ~4 s of imports per stage."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=run_stage_process, args=(send, os.getpid(), fn, args), name=f"instrugo {name}")
+    process.start()
+    send.close()  # the child holds the other copy: its exit ends the pipe
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=end_with_parent) as pool:
-            return pool.submit(measured, fn, *args).result()
-    except BrokenProcessPool:
-        raise SystemExit(f"run: the process of stage {name} ended abruptly (killed, or out of memory?); run the "
-                         "same command again to resume from the stage's last checkpoint") from None
+        outcome = receive.recv()
+    except EOFError:
+        outcome = None
+    except BaseException:  # an interrupt that reached this process only: the stage must not run on
+        process.terminate()
+        raise
+    finally:
+        process.join()
+        receive.close()
+    if outcome is None:
+        raise SystemExit(f"run: the process of stage {name} ended abruptly (exit code {process.exitcode}; killed, "
+                         "or out of memory?); run the same command again to resume from the stage's last checkpoint")
+    kind, value, extra = outcome
+    if kind == "error":
+        value.add_note(f"in the process of stage {name}:\n{extra}")
+        raise value
+    return value, extra
 
 
 def wait_for_human_labels(tasks: Path, labeled: Path, say: bool = True) -> None:

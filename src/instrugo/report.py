@@ -449,7 +449,8 @@ def rm_and_timings(data: RunData) -> str:
                  for stage, s in seconds.items() if finite(s)]
     if time_rows:
         time_rows.append(["<b>total</b>", f"<b>{fmt_seconds(sum(s for s in seconds.values() if finite(s)))}</b>"]
-                         + ([f"<b>{max(peaks.values()):.1f} GiB</b>"] if peaks else []))
+                         + ([fmt(max((v for v in peaks.values() if finite(v)), default=None), "<b>{:.1f} GiB</b>")]
+                            if peaks else []))
     time_part = (table(["stage", "time"] + (["peak RSS"] if peaks else []), time_rows) if time_rows
                  else missing("No stage timings recorded."))
     return (f'<div class="columns"><div><h3>Reward model and labels</h3>{rm_part}</div>'
