@@ -114,7 +114,9 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     """Run (or resume) the loop in `config.out`; returns the run directory.
 
     Under a multi-process launch (`torchrun --nproc_per_node N`) every process trains (SFT, RM, PPO), and
-    the main process alone samples, labels, evaluates and writes the report while the others wait."""
+    the main process alone samples, labels, evaluates and writes the report while the others wait. Called
+    from a script of your own, call it under `if __name__ == "__main__":`: the stages' processes are spawned,
+    and spawning imports the main module again."""
     from instrugo import evaluate, labelers, ppo, reward, sample, sft, training
 
     sections = sections or {}
