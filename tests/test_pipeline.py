@@ -49,6 +49,10 @@ def test_tiny_run_two_rounds_produces_eval_and_report(tmp_path):
     assert all(peaks[stage] > 0.2 for stage in peaks if not stage.endswith("/label")), peaks
     assert all(0.005 < gib < 16 for gib in peaks.values()) and peaks["round1/label"] < 0.2, peaks
     assert "peak RSS" in (out / "report.html").read_text()
+    # The run decided bf16 or fp32 once; no stage probed again on its own.
+    decided = {runio.read_json(out / stage / f"{stage.rsplit('/', 1)[-1].replace('_ptx', '')}_config.json")["precision"]
+               for stage in ("sft", "round1/rm", "round1/ppo", "round2/ppo_ptx")}
+    assert len(decided) == 1 and decided <= {"bf16", "fp32"}, decided
 
     # Re-running the same command finds every stage complete and only re-evaluates (from cached generations).
     again = CliRunner().invoke(app, ["run", "--preset", "tiny", "--rounds", "2", "--out", str(out)])

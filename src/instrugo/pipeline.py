@@ -20,6 +20,7 @@ under `sft:`, `sample:`, `label:`, `rm:`, `ppo:` and `eval:`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import pickle
 import resource
@@ -104,9 +105,13 @@ STAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def stage_config(cls: type, preset: dict, overrides: dict, fixed: dict, source: str):
-    """A stage's config: its preset, then the YAML section, then what the pipeline must decide."""
-    return from_dict(cls, {**preset, **overrides, **fixed}, source=source)
+def stage_config(cls: type, preset: dict, overrides: dict, fixed: dict, source: str, precision: str = "auto"):
+    """A stage's config: its preset, then the YAML section, then what the pipeline must decide; a stage left
+    at precision 'auto' gets the run's `precision`."""
+    values = {**preset, **overrides, **fixed}
+    if values.get("precision", "auto") == "auto" and "precision" in {f.name for f in dataclasses.fields(cls)}:
+        values["precision"] = precision
+    return from_dict(cls, values, source=source)
 
 
 def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str, dict] | None = None,
@@ -129,6 +134,9 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
     processes = training.process_state()
     main = processes.is_main_process
     fresh_processes = config.stage_processes and processes.num_processes == 1
+    # One bf16-or-fp32 decision for the whole run: in their own processes the stages would each time the probe
+    # again, and on a CPU near its threshold they could disagree.
+    precision = training.agreed_precision("auto")
 
     def timed(name: str, stage_dir: Path | None, fn, *args, every_process: bool = False):
         """Run a stage (on every process when it trains, else on the main one) and record its seconds."""
@@ -151,7 +159,7 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
         return result
 
     def make(name: str, cls: type, **fixed):
-        return stage_config(cls, presets.get(name, {}), sections.get(name, {}), fixed, f"{source} [{name}]")
+        return stage_config(cls, presets.get(name, {}), sections.get(name, {}), fixed, f"{source} [{name}]", precision)
 
     sft_dir = run_dir / "sft"
     timed("sft", sft_dir, sft.run_sft, make("sft", sft.SFTConfig, model=config.model, out=str(sft_dir), seed=config.seed),
@@ -190,7 +198,7 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
             ppo_config = stage_config(ppo.PPOConfig, ppo_preset, sections.get("ppo", {}),
                                       dict(policy=newest[variant], reference=str(sft_dir), reward_model=str(rm_dir),
                                            out=str(ppo_dir), seed=config.seed + round_number, **ptx),
-                                      f"{source} [ppo]")
+                                      f"{source} [ppo]", precision)
             timed(f"round{round_number}/{variant}", ppo_dir, ppo.run_ppo, ppo_config, every_process=True)
             newest[variant] = str(ppo_dir)
 
