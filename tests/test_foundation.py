@@ -1,6 +1,11 @@
 """Run-directory I/O, config plumbing, model loading and the comparison-task format."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +155,51 @@ def test_frozen_linears_in_bf16_give_the_same_logits_under_autocast(tiny_tokeniz
     assert model.model.norm.weight.dtype == torch.float32
     with torch.no_grad(), models.autocast("bf16"):
         assert torch.equal(model(input_ids=ids).logits.float(), expected)
+
+
+def _in_fresh_python(code: str, env: dict[str, str]) -> str:
+    """stdout of `code` in a new interpreter with the test's environment plus `env`, minus malloc tunables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "THP_MEM_ALLOC_ENABLE"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**base, **env}, capture_output=True,
+                          text=True, check=True, timeout=120)
+    return done.stdout
+
+
+REFAULTS_OF_A_FREED_BLOCK = """
+    import resource
+    import torch
+    from instrugo import models
+    models.keep_freed_memory()
+    def faults_of_a_100_mib_tensor():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(25 * 2**20)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults = [faults_of_a_100_mib_tensor() for _ in range(12)]
+    print(sum(faults[-3:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux (glibc) only")
+def test_a_freed_large_block_is_reused_without_page_faults():
+    # 100 MiB is above glibc's largest mmap threshold: unless mmap is off, every such tensor gets fresh
+    # pages (25,600 faults of 4 KiB). Kept in the heap, they stop faulting once the heap has grown to its
+    # steady size (small allocations between them move the big one up a few times first), so the last
+    # three of twelve are counted. Huge pages off, so that only malloc's part is measured.
+    assert int(_in_fresh_python(REFAULTS_OF_A_FREED_BLOCK, {"THP_MEM_ALLOC_ENABLE": "0"})) < 1000
+    # Malloc tunables in the environment are the user's: instrugo leaves glibc alone then.
+    assert int(_in_fresh_python(REFAULTS_OF_A_FREED_BLOCK, {"THP_MEM_ALLOC_ENABLE": "0",
+                                                            "MALLOC_TOP_PAD_": str(2**20)})) > 60000
+
+
+@pytest.mark.skipif("[madvise]" not in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+                                        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else ""),
+                    reason="needs transparent huge pages in madvise mode (with 'always' or 'never' the setting "
+                           "makes no difference to see)")
+def test_importing_instrugo_first_gives_torch_tensors_huge_pages():
+    code = """
+        import instrugo, torch
+        x = torch.ones(64 * 2**20)
+        print(sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+    """
+    assert int(_in_fresh_python(code, {})) >= 64 * 1024  # KiB: most of the 256 MiB tensor
+    assert int(_in_fresh_python(code, {"THP_MEM_ALLOC_ENABLE": "0"})) < 64 * 1024

@@ -438,18 +438,23 @@ def setup_compute(requested_precision: str = "auto") -> str:
 
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel (a
-    no-op where libc is not glibc; setting it again is harmless).
+    no-op where libc is not glibc or where the environment sets glibc's malloc tunables: yours win;
+    setting it again is harmless).
 
     A training step frees and re-allocates gigabytes of tensors. By default glibc returns large blocks
-    at once (munmap, trim), so the next step faults in and zeroes fresh pages: four PPO updates of the
-    default model took 4.9M page faults, 2.5M with these settings, and ~15% less training time
-    (docs/BENCHMARKS.md). The price is fragmentation: the LoRA PPO job's peak RSS rose by ~0.6 GiB."""
+    at once (munmap, trim), so the next step faults in and zeroes fresh pages. Here every block comes
+    from the heap, which is never trimmed: together with huge pages for PyTorch's large blocks
+    (`THP_MEM_ALLOC_ENABLE`, set in `instrugo/__init__.py`) the demo's SFT settings took 0.78M page faults
+    instead of 7.8-9.9M and ran 1.26x as fast (docs/BENCHMARKS.md, "Huge pages and a heap without mmap").
+    Peak RSS: level for SFT, +10% for PPO."""
+    if "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ):
+        return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest: blocks up to 32 MiB come from the heap
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    mallopt(m_mmap_max, 0)                 # no block of its own (mmap) for large requests: all from the heap
     mallopt(m_trim_threshold, 2**31 - 1)   # never trim the heap's top
     mallopt(m_top_pad, 256 * 2**20)        # grow it in 256 MiB steps
 

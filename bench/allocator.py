@@ -1,0 +1,49 @@
+"""The allocator settings (`models.keep_freed_memory` and THP_MEM_ALLOC_ENABLE in instrugo/__init__.py)
+against the ones before them, on the same instrugo command, alternating: wall time, time of the steps
+after the first (metrics.jsonl), minor page faults and peak RSS of each run.
+
+"before" is glibc's mmap threshold at 32 MiB, no trimming, a 256 MiB top pad and no huge pages, given
+through the environment (instrugo leaves glibc alone when MALLOC_* variables are set); "now" is the code's
+own settings. Usage:
+    .venv/bin/python bench/allocator.py [--rounds 2] -- sft --max-examples 192 --no-compile
+The command's --out is added (a fresh temporary directory per run)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "before": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+               "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "0"},
+    "now": {},
+}
+
+
+def one_run(command: list[str], extra_env: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "THP_MEM_ALLOC_ENABLE"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        start = time.perf_counter()
+        child = subprocess.Popen([str(Path(sys.executable).with_name("instrugo")), *command, "--out", str(out)],
+                                 env={**env, **extra_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            sys.exit(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
+        times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": round(wall, 1), "steps_after_first_s": round(times[-1] - times[0], 1),
+            "minor_faults": usage.ru_minflt, "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--rounds", type=int, default=2)
+parser.add_argument("command", nargs=argparse.REMAINDER, help="instrugo command after --")
+args = parser.parse_args()
+command = args.command[1:] if args.command[:1] == ["--"] else args.command
+for round_index in range(args.rounds):
+    for name, extra_env in SETTINGS.items():
+        print(json.dumps({"round": round_index + 1, "setting": name, **one_run(command, extra_env)}), flush=True)
