@@ -3,9 +3,10 @@ against the ones before them, on the same instrugo command, alternating: wall ti
 after the first (metrics.jsonl), minor page faults and peak RSS of each run.
 
 "before" is glibc's mmap threshold at 32 MiB, no trimming, a 256 MiB top pad and no huge pages, given
-through the environment (instrugo leaves glibc alone when MALLOC_* variables are set); "now" is the code's
+through the environment (instrugo leaves glibc alone when the environment sets one of its malloc
+settings, `models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's
 own settings. Usage:
-    .venv/bin/python bench/allocator.py [--rounds 2] -- sft --max-examples 192 --no-compile
+    .venv/bin/python bench/allocator.py [--rounds 2] -- sft --max-examples 192
 The command's --out is added (a fresh temporary directory per run)."""
 import argparse
 import json

@@ -436,10 +436,13 @@ def setup_compute(requested_precision: str = "auto") -> str:
     return "bf16" if bf16_speedup() >= 1.3 else "fp32"
 
 
+MALLOC_SETTINGS_IN_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel (a
-    no-op where libc is not glibc or where the environment sets glibc's malloc tunables: yours win;
-    setting it again is harmless).
+    no-op where libc is not glibc, or where the environment sets any of these settings, in
+    `MALLOC_SETTINGS_IN_ENVIRONMENT` or `GLIBC_TUNABLES`: yours win; setting it again is harmless).
 
     A training step frees and re-allocates gigabytes of tensors. By default glibc returns large blocks
     at once (munmap, trim), so the next step faults in and zeroes fresh pages. Here every block comes
@@ -447,7 +450,8 @@ def keep_freed_memory() -> None:
     (`THP_MEM_ALLOC_ENABLE`, set in `instrugo/__init__.py`) the demo's SFT settings took 0.78M page faults
     instead of 7.8-9.9M and ran 1.26x as fast (docs/BENCHMARKS.md, "Huge pages and a heap without mmap").
     Peak RSS: level for SFT, +10% for PPO."""
-    if "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ):
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+            name in os.environ for name in MALLOC_SETTINGS_IN_ENVIRONMENT):
         return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
