@@ -5,9 +5,9 @@ after the first (metrics.jsonl), minor page faults and peak RSS of each run.
 "before" is glibc's mmap threshold at 32 MiB, no trimming, a 256 MiB top pad and no huge pages, given
 through the environment (instrugo leaves glibc alone when the environment sets one of its malloc
 settings, `models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's
-own settings. Usage:
-    .venv/bin/python bench/allocator.py [--rounds 2] -- sft --max-examples 192
-The command's --out is added (a fresh temporary directory per run)."""
+own settings; "heap_only" is now's malloc settings without huge pages. Usage:
+    .venv/bin/python bench/allocator.py [--rounds 2] [--settings before heap_only now] -- sft --max-examples 192
+The command's --out is added (a fresh temporary path per run: the run directory, or `sample`'s tasks file)."""
 import argparse
 import json
 import os
@@ -20,6 +20,8 @@ from pathlib import Path
 SETTINGS = {
     "before": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
                "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "0"},
+    "heap_only": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+                  "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "0"},  # now's malloc, no huge pages
     "now": {},
 }
 
@@ -35,16 +37,18 @@ def one_run(command: list[str], extra_env: dict[str, str]) -> dict:
         wall = time.perf_counter() - start
         if status != 0:
             sys.exit(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
-        times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"wall_s": round(wall, 1), "steps_after_first_s": round(times[-1] - times[0], 1),
+        metrics = out / "metrics.jsonl"  # training stages; `sample` writes one file and has no steps
+        times = [json.loads(line)["time"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return {"wall_s": round(wall, 1), "steps_after_first_s": round(times[-1] - times[0], 1) if times else None,
             "minor_faults": usage.ru_minflt, "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
 
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=2)
+parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["before", "now"])
 parser.add_argument("command", nargs=argparse.REMAINDER, help="instrugo command after --")
 args = parser.parse_args()
 command = args.command[1:] if args.command[:1] == ["--"] else args.command
 for round_index in range(args.rounds):
-    for name, extra_env in SETTINGS.items():
-        print(json.dumps({"round": round_index + 1, "setting": name, **one_run(command, extra_env)}), flush=True)
+    for name in args.settings:
+        print(json.dumps({"round": round_index + 1, "setting": name, **one_run(command, SETTINGS[name])}), flush=True)
