@@ -1,12 +1,12 @@
-"""The allocator settings (`models.keep_freed_memory` and THP_MEM_ALLOC_ENABLE in instrugo/__init__.py)
-against the ones before them, on the same instrugo command, alternating: wall time, time of the steps
-after the first (metrics.jsonl), minor page faults and peak RSS of each run.
+"""The allocator settings of `models.keep_freed_memory` against the ones before them, on the same instrugo
+command, alternating: wall time, time of the steps after the first (metrics.jsonl), minor page faults and
+peak RSS of each run.
 
-"before" is glibc's mmap threshold at 32 MiB, no trimming, a 256 MiB top pad and no huge pages, given
-through the environment (instrugo leaves glibc alone when the environment sets one of its malloc
-settings, `models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's
-own settings; "heap_only" is now's malloc settings without huge pages. Usage:
-    .venv/bin/python bench/allocator.py [--rounds 2] [--settings before heap_only now] -- sft --max-examples 192
+"before" is glibc's mmap threshold at 32 MiB, no trimming and a 256 MiB top pad, given through the
+environment (instrugo leaves glibc alone when the environment sets one of its malloc settings,
+`models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's own settings (no mmap, no trimming, 256 MiB
+top pad); "now_huge_pages" adds PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1). Usage:
+    .venv/bin/python bench/allocator.py [--rounds 2] [--settings before now now_huge_pages] -- sft --max-examples 192
 The command's --out is added (a fresh temporary path per run: the run directory, or `sample`'s tasks file)."""
 import argparse
 import json
@@ -19,10 +19,11 @@ from pathlib import Path
 
 SETTINGS = {
     "before": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-               "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "0"},
-    "heap_only": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-                  "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "0"},  # now's malloc, no huge pages
+               "MALLOC_TOP_PAD_": str(256 * 2**20)},
     "now": {},
+    # Tried and not kept: the same with PyTorch's blocks of 2 MiB and more on transparent huge pages.
+    "now_huge_pages": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+                       "MALLOC_TOP_PAD_": str(256 * 2**20), "THP_MEM_ALLOC_ENABLE": "1"},
 }
 
 

@@ -192,17 +192,3 @@ def test_a_freed_large_block_is_reused_without_page_faults():
     # ...while one of those instrugo sets is the user's choice: instrugo leaves glibc alone then.
     assert int(_in_fresh_python(REFAULTS_OF_A_FREED_BLOCK, {"THP_MEM_ALLOC_ENABLE": "0",
                                                             "MALLOC_TOP_PAD_": str(2**20)})) > 60000
-
-
-@pytest.mark.skipif("[madvise]" not in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-                                        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else ""),
-                    reason="needs transparent huge pages in madvise mode (with 'always' or 'never' the setting "
-                           "makes no difference to see)")
-def test_importing_instrugo_first_gives_torch_tensors_huge_pages():
-    code = """
-        import instrugo, torch
-        x = torch.ones(64 * 2**20)
-        print(sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
-    """
-    assert int(_in_fresh_python(code, {})) >= 64 * 1024  # KiB: most of the 256 MiB tensor
-    assert int(_in_fresh_python(code, {"THP_MEM_ALLOC_ENABLE": "0"})) < 64 * 1024

@@ -446,10 +446,10 @@ def keep_freed_memory() -> None:
 
     A training step frees and re-allocates gigabytes of tensors. By default glibc returns large blocks
     at once (munmap, trim), so the next step faults in and zeroes fresh pages. Here every block comes
-    from the heap, which is never trimmed: together with huge pages for PyTorch's large blocks
-    (`THP_MEM_ALLOC_ENABLE`, set in `instrugo/__init__.py`) the demo's SFT settings took 0.78M page faults
-    instead of 7.8-9.9M and ran 1.26x as fast (docs/BENCHMARKS.md, "Huge pages and a heap without mmap").
-    Peak RSS: level for SFT, +10% for PPO."""
+    from the heap, which is never trimmed, so a step reuses the pages of the one before: half the page
+    faults in PPO, which ran level to 1.10x as fast at the demo's settings for 0.3-0.5 GiB more peak RSS
+    (docs/BENCHMARKS.md, "A heap without mmap"). Transparent huge pages for PyTorch's large blocks
+    (`THP_MEM_ALLOC_ENABLE=1`) were tried on top and not kept: decoding 1.2-1.3x slower, +0.8 GiB."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             name in os.environ for name in MALLOC_SETTINGS_IN_ENVIRONMENT):
         return
