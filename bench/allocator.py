@@ -5,7 +5,9 @@ peak RSS of each run.
 "before" is glibc's mmap threshold at 32 MiB, no trimming and a 256 MiB top pad, given through the
 environment (instrugo leaves glibc alone when the environment sets one of its malloc settings,
 `models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's own settings (no mmap, no trimming, 256 MiB
-top pad); "now_huge_pages" adds PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1). Usage:
+top pad); "now_huge_pages" adds PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1); "jemalloc" and
+"tcmalloc" replace glibc's malloc altogether (LD_PRELOAD of the system's library, e.g. Debian's libjemalloc2
+and libtcmalloc-minimal4; glibc's settings then do nothing). Usage:
     .venv/bin/python bench/allocator.py [--rounds 2] [--settings before now now_huge_pages] -- sft --max-examples 192
 The command's --out is added (a fresh temporary path per run: the run directory, or `sample`'s tasks file)."""
 import argparse
@@ -23,11 +25,14 @@ SETTINGS = {
     "now": {},
     # Tried and not kept: the code's settings plus PyTorch's blocks of 2 MiB and more on transparent huge pages.
     "now_huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
 }
 
 
 def one_run(command: list[str], extra_env: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "THP_MEM_ALLOC_ENABLE"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
     with tempfile.TemporaryDirectory() as tmp:
         out, log = Path(tmp) / "out", Path(tmp) / "stderr.log"
         start = time.perf_counter()

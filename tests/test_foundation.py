@@ -1,5 +1,6 @@
 """Run-directory I/O, config plumbing, model loading and the comparison-task format."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -157,9 +158,10 @@ def test_frozen_linears_in_bf16_give_the_same_logits_under_autocast(tiny_tokeniz
 
 
 def _in_fresh_python(code: str, env: dict[str, str]) -> str:
-    """stdout of `code` in a new interpreter with the test's environment plus `env`, minus malloc settings and
-    PyTorch's huge pages (so that only malloc's part is measured)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "THP_MEM_ALLOC_ENABLE"}
+    """stdout of `code` in a new interpreter with the test's environment plus `env`, minus malloc settings,
+    a preloaded malloc and PyTorch's huge pages (so that only glibc's malloc is measured)."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k not in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**base, **env}, capture_output=True,
                           text=True, check=True, timeout=120)
     return done.stdout
@@ -190,3 +192,31 @@ def test_a_freed_large_block_is_reused_without_page_faults():
     assert int(_in_fresh_python(REFAULTS_OF_A_FREED_BLOCK, {"MALLOC_ARENA_MAX": "2"})) < 1000
     # ...while one of those instrugo sets is the user's choice: instrugo leaves glibc alone then.
     assert int(_in_fresh_python(REFAULTS_OF_A_FREED_BLOCK, {"MALLOC_TOP_PAD_": str(2**20)})) > 60000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD restarts are for Linux")
+def test_tcmalloc_is_preloaded_unless_the_user_chose_otherwise():
+    from instrugo.__main__ import tcmalloc_environment
+
+    only_perftools = {"tcmalloc": "libtcmalloc.so.4"}.get  # libtcmalloc-minimal4 missing, perftools' present
+    assert tcmalloc_environment({"PATH": "/bin"}, only_perftools) == {
+        "PATH": "/bin", "LD_PRELOAD": "libtcmalloc.so.4", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
+    assert tcmalloc_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"},
+                                only_perftools)["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
+    assert tcmalloc_environment({"LD_PRELOAD": "libjemalloc.so.2"}, only_perftools) is None
+    assert tcmalloc_environment({"INSTRUGO_MALLOC": "glibc"}, only_perftools) is None
+    assert tcmalloc_environment({}, lambda name: None) is None
+
+
+TCMALLOC_IN_USE = """
+    from instrugo.__main__ import restart_with_tcmalloc
+    restart_with_tcmalloc()
+    print(any("tcmalloc" in line for line in open("/proc/self/maps")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not any(map(ctypes.util.find_library, ("tcmalloc_minimal", "tcmalloc"))),
+                    reason="tcmalloc is not installed here (`make test` installs it where apt-get can)")
+def test_the_command_restarts_itself_with_tcmalloc():
+    assert _in_fresh_python(TCMALLOC_IN_USE, {}).strip() == "True"
+    assert _in_fresh_python(TCMALLOC_IN_USE, {"INSTRUGO_MALLOC": "glibc"}).strip() == "False"

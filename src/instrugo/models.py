@@ -449,7 +449,9 @@ def keep_freed_memory() -> None:
     from the heap, which is never trimmed, so a step reuses the pages of the one before: half the page
     faults in PPO, which ran level to 1.10x as fast at the demo's settings for 0.3-0.5 GiB more peak RSS
     (docs/BENCHMARKS.md, "A heap without mmap"). Transparent huge pages for PyTorch's large blocks
-    (`THP_MEM_ALLOC_ENABLE=1`) were tried on top and not kept: decoding 1.2-1.3x slower, +0.8 GiB."""
+    (`THP_MEM_ALLOC_ENABLE=1`) were tried on top and not kept: decoding 1.2-1.3x slower, +0.8 GiB. Where the
+    `instrugo` command runs with tcmalloc (`instrugo.__main__`), glibc's malloc is not the one in use and
+    these settings do nothing."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             name in os.environ for name in MALLOC_SETTINGS_IN_ENVIRONMENT):
         return
