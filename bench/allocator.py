@@ -5,9 +5,10 @@ peak RSS of each run.
 "before" is glibc's mmap threshold at 32 MiB, no trimming and a 256 MiB top pad, given through the
 environment (instrugo leaves glibc alone when the environment sets one of its malloc settings,
 `models.MALLOC_SETTINGS_IN_ENVIRONMENT`); "now" is the code's own settings (no mmap, no trimming, 256 MiB
-top pad); "now_huge_pages" adds PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1); "jemalloc" and
-"tcmalloc" replace glibc's malloc altogether (LD_PRELOAD of the system's library, e.g. Debian's libjemalloc2
-and libtcmalloc-minimal4; glibc's settings then do nothing). Usage:
+top pad), glibc's malloc kept (INSTRUGO_MALLOC=glibc: the command would otherwise restart with tcmalloc);
+"now_huge_pages" adds PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE=1); "jemalloc" and "tcmalloc"
+replace glibc's malloc altogether (LD_PRELOAD of the system's library, e.g. Debian's libjemalloc2 and
+libtcmalloc-minimal4; glibc's settings then do nothing). Usage:
     .venv/bin/python bench/allocator.py [--rounds 2] [--settings before now now_huge_pages] -- sft --max-examples 192
 The command's --out is added (a fresh temporary path per run: the run directory, or `sample`'s tasks file)."""
 import argparse
@@ -19,12 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# The glibc settings keep the `instrugo` command from restarting itself with tcmalloc (INSTRUGO_MALLOC=glibc).
+GLIBC = {"INSTRUGO_MALLOC": "glibc"}
 SETTINGS = {
-    "before": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+    "before": {**GLIBC, "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
                "MALLOC_TOP_PAD_": str(256 * 2**20)},
-    "now": {},
+    "now": GLIBC,
     # Tried and not kept: the code's settings plus PyTorch's blocks of 2 MiB and more on transparent huge pages.
-    "now_huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "now_huge_pages": {**GLIBC, "THP_MEM_ALLOC_ENABLE": "1"},
     "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
 }
@@ -32,7 +35,7 @@ SETTINGS = {
 
 def one_run(command: list[str], extra_env: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+           if not k.startswith("MALLOC_") and k not in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "INSTRUGO_MALLOC")}
     with tempfile.TemporaryDirectory() as tmp:
         out, log = Path(tmp) / "out", Path(tmp) / "stderr.log"
         start = time.perf_counter()
