@@ -91,7 +91,7 @@ class Row:
     instrugo: float | None
     trl: float | None
     goal: str = ""                      # e.g. "≤ 0.33": a bound on instrugo ÷ TRL
-    ceiling: float | None = None        # instrugo's model FLOP/s ÷ bf16 matmul ceiling
+    ceiling: float | None = None        # instrugo's model FLOP/s ÷ the matmul ceiling of the precision in use
     unit: str = ""
 
     @property
@@ -125,7 +125,7 @@ def format_number(value: float | None, unit: str = "") -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The result table in GitHub markdown (what docs/BENCHMARKS.md records and the terminal prints)."""
-    header = ["benchmark", "metric", "instrugo", "TRL 1.12", "instrugo ÷ TRL", "goal", "met", "FLOP/s ÷ bf16 ceiling"]
+    header = ["benchmark", "metric", "instrugo", "TRL 1.12", "instrugo ÷ TRL", "goal", "met", "FLOP/s ÷ matmul ceiling"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         met = {True: "yes", False: "no", None: ""}[row.meets_goal()]

@@ -361,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hardware:
         print("\n\n".join(harness.errors), file=sys.stderr)
         return 1
-    ceiling = hardware[0]["bf16_gflops"]
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if hardware[0]["bf16_gflops"] >= 1.3 * hardware[0]["fp32_gflops"] else "fp32"
+    # The ceiling is the matmul rate of the precision both sides run in: on a CPU without bf16 units, bf16
+    # is emulated (~1 GFLOP/s on an AVX2-only EPYC) and fp32 is what the hardware allows.
+    ceiling = hardware[0][f"{precision}_gflops"]
 
     rows: list[Row] = []
     for model in dict.fromkeys(settings.ppo_models + settings.models):
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     subset = "" if args.only == list(BENCHMARKS) else f" ({', '.join(args.only)} only)"
     header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
-              f"SFT and RM epochs, precision {precision} on both sides; "
+              f"SFT and RM epochs, precision {precision} on both sides (the FLOP/s column's ceiling); "
               f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
               + ("" if trl_python else f"; TRL unavailable: {trl_missing}"))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -25,6 +26,48 @@ def test_tiny_model_loads_with_plain_transformers(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.config.num_hidden_layers == 2
+
+
+BUILD_TINY_WHEN_TOLD = """
+    import sys, time
+    from pathlib import Path
+    from instrugo import models
+    from transformers import AutoModelForCausalLM
+    building = models.atomic_directory
+    def counted(final):
+        print("built", flush=True)
+        return building(final)
+    models.atomic_directory = counted
+    ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    print(AutoModelForCausalLM.from_pretrained(models.resolve_model("tiny")).config.num_hidden_layers)
+"""
+
+
+def test_processes_resolving_a_model_at_once_build_it_once(tmp_path, tiny_model_dir):
+    """The ranks of a multi-process run on a fresh machine all resolve 'tiny' (or 'default') at the same
+    moment: one builds it, the others wait and load it (without the lock each built it and replaced the
+    directory under the others' feet: 'Unrecognized model')."""
+    from instrugo.models import resolve_model
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    default = resolve_model("default")
+    (cache / "models" / default.name).symlink_to(default)  # only the tiny model is built
+    env = {**os.environ, "INSTRUGO_CACHE": str(cache)}
+    ranks = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUILD_TINY_WHEN_TOLD), str(tmp_path / f"ready{rank}"),
+                               str(tmp_path / "go")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(3)]
+    while not all((tmp_path / f"ready{rank}").exists() for rank in range(3)):
+        assert all(rank.poll() is None for rank in ranks), [rank.communicate() for rank in ranks]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0], outputs
+    printed = [line for out, _ in outputs for line in out.split()]
+    assert printed.count("built") == 1 and printed.count("2") == 3
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

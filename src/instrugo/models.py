@@ -62,42 +62,58 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """De-quantise a GGUF file into a safetensors directory once; later calls reuse it."""
+def _build_once(out: Path, build) -> Path:
+    """Return `out`, first writing it with `build(directory)` if it does not exist yet.
+
+    Under a file lock: the processes of a multi-process run (torchrun, accelerate launch) resolve the same
+    model at the same moment, and on a fresh machine each would otherwise build it and replace the
+    directory while the others read from it."""
+    from filelock import FileLock
+
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to %s (once)", gguf, out)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses to save a model that still carries the GGUF quantization config.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.config.name_or_path = gguf.stem
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(f".{out.name}.lock")):
+        if not (out / "config.json").exists():  # another process may have built it while we waited
+            with atomic_directory(out) as tmp:
+                build(tmp)
     return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantise a GGUF file into a safetensors directory once; later calls reuse it."""
+    def convert(directory: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to %s (once)", gguf, out)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model that still carries the GGUF quantization config.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = gguf.stem
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return _build_once(out, convert)
 
 
 def _build_tiny(out: Path) -> Path:
     """A small random Llama with the default model's tokenizer; deterministic (seed 0)."""
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    def build(directory: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return _build_once(out, build)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -410,9 +426,9 @@ def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
     if torch.cuda.is_available():
         return float("inf") if torch.cuda.is_bf16_supported() else 0.0
 
-    def best_time(dtype: torch.dtype) -> float:
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
+    def best_time(dtype: torch.dtype, n: int, repeats: int) -> float:
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up: first call pays for kernel selection
         times = []
         for _ in range(repeats):
@@ -421,7 +437,13 @@ def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return best_time(torch.float32) / best_time(torch.bfloat16)
+    # Without bf16 units a CPU emulates bf16 matmuls 10-100x slower than fp32 (0.9 vs 94 GFLOP/s on an
+    # AVX2-only EPYC: 0.02x at 256), so the full-size probe would take 6 s in every stage's start; small
+    # products show it in 0.1 s. Anything short of such a gap goes on to the full-size probe, as before.
+    small = best_time(torch.float32, 256, 3) / best_time(torch.bfloat16, 256, 2)
+    if small < 0.1:
+        return small
+    return best_time(torch.float32, size, repeats) / best_time(torch.bfloat16, size, repeats)
 
 
 def setup_compute(requested_precision: str = "auto") -> str:
