@@ -1,5 +1,6 @@
 """Where a decode step's time goes: one `sample_responses` call of the default policy on the first 8 `ppo`
-prompts, up to 32 new tokens (the PPO benchmark's rollout), bf16, with a torch.profiler table. The
+prompts, up to 32 new tokens (the PPO benchmark's rollout), in the precision instrugo picks on this CPU
+(`--precision` of the stages: auto), with a torch.profiler table. The
 counterpart of bench/profile_train.py for generation.  Usage: .venv/bin/python bench/profile_decode.py"""
 import time
 
@@ -11,7 +12,7 @@ from instrugo.generation import SamplingConfig, sample_responses
 
 ROWS, NEW_TOKENS = 8, 32
 
-precision = models.setup_compute("bf16")
+precision = models.setup_compute("auto")
 tokenizer = models.load_tokenizer("default")
 model = models.load_causal_lm("default", tokenizer).eval()
 prompts = [r["messages"] for r in load_split("ppo")[:ROWS]]

@@ -385,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_sft(harness, model, inputs, precision, ceiling) if "sft" in args.only else []
 
     subset = "" if args.only == list(BENCHMARKS) else f" ({', '.join(args.only)} only)"
+    bf16_ceiling = (f"{hardware[0]['bf16_gflops']:.0f}" if hardware[0]["bf16_size"] == settings.matmul_size else
+                    f"{hardware[0]['bf16_gflops']:.2g} (emulated: measured at {hardware[0]['bf16_size']}²)")
     header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
-              f"SFT and RM epochs, precision {precision} on both sides (the FLOP/s column's ceiling); "
-              f"matmul ceiling bf16 {hardware[0]['bf16_gflops']:.0f} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
-              f"GFLOP/s ({hardware[0]['threads']} threads); {machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
+              f"SFT and RM epochs, precision {precision} on both sides; "
+              f"matmul ceiling bf16 {bf16_ceiling} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
+              f"GFLOP/s ({hardware[0]['threads']} threads; the FLOP/s column divides by {precision}'s); "
+              f"{machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
               + ("" if trl_python else f"; TRL unavailable: {trl_missing}"))
     table = markdown_table(rows)
     print(f"\n{header}\n\n{table}")

@@ -33,20 +33,24 @@ BUILD_TINY_WHEN_TOLD = """
     from pathlib import Path
     from instrugo import models
     from transformers import AutoModelForCausalLM
-    building = models.atomic_directory
-    def counted(final):
-        print("built", flush=True)
-        return building(final)
-    models.atomic_directory = counted
+    original_atomic_directory = models.atomic_directory
+    def announced_atomic_directory(final):
+        print("BUILDING", flush=True)
+        return original_atomic_directory(final)
+    models.atomic_directory = announced_atomic_directory
     ready, go = Path(sys.argv[1]), Path(sys.argv[2])
     ready.touch()
+    deadline = time.monotonic() + 120
     while not go.exists():
+        if time.monotonic() > deadline:
+            sys.exit("never told to go")
         time.sleep(0.01)
-    print(AutoModelForCausalLM.from_pretrained(models.resolve_model("tiny")).config.num_hidden_layers)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve_model("tiny"))
+    print(f"LAYERS={model.config.num_hidden_layers}")
 """
 
 
-def test_processes_resolving_a_model_at_once_build_it_once(tmp_path, tiny_model_dir):
+def test_processes_resolving_a_model_at_once_build_it_once(tmp_path):
     """The ranks of a multi-process run on a fresh machine all resolve 'tiny' (or 'default') at the same
     moment: one builds it, the others wait and load it (without the lock each built it and replaced the
     directory under the others' feet: 'Unrecognized model')."""
@@ -57,17 +61,24 @@ def test_processes_resolving_a_model_at_once_build_it_once(tmp_path, tiny_model_
     default = resolve_model("default")
     (cache / "models" / default.name).symlink_to(default)  # only the tiny model is built
     env = {**os.environ, "INSTRUGO_CACHE": str(cache)}
-    ranks = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUILD_TINY_WHEN_TOLD), str(tmp_path / f"ready{rank}"),
-                               str(tmp_path / "go")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(3)]
-    while not all((tmp_path / f"ready{rank}").exists() for rank in range(3)):
-        assert all(rank.poll() is None for rank in ranks), [rank.communicate() for rank in ranks]
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0, 0], outputs
+    ready = [tmp_path / f"ready{rank}" for rank in range(3)]
+    processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUILD_TINY_WHEN_TOLD), str(path),
+                                   str(tmp_path / "go")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for path in ready]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(path.exists() for path in ready):
+            assert all(process.poll() is None for process in processes), "a process died before it was ready"
+            assert time.monotonic() < deadline, "the processes never got ready"
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0, 0], outputs
     printed = [line for out, _ in outputs for line in out.split()]
-    assert printed.count("built") == 1 and printed.count("2") == 3
+    assert printed.count("BUILDING") == 1 and printed.count("LAYERS=2") == 3
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -21,8 +21,10 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from filelock import FileLock, Timeout
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -62,21 +64,28 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _build_once(out: Path, build) -> Path:
+def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
     """Return `out`, first writing it with `build(directory)` if it does not exist yet.
 
     Under a file lock: the processes of a multi-process run (torchrun, accelerate launch) resolve the same
     model at the same moment, and on a fresh machine each would otherwise build it and replace the
-    directory while the others read from it."""
-    from filelock import FileLock
-
+    directory while the others read from it. Locks nest in one order only: building 'tiny' resolves
+    'default' inside its own lock, never the other way round."""
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(out.with_name(f".{out.name}.lock")):
+    lock = FileLock(out.with_name(f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=5)
+    except Timeout:
+        log.info("waiting for another process to finish building %s", out)
+        lock.acquire()
+    try:
         if not (out / "config.json").exists():  # another process may have built it while we waited
             with atomic_directory(out) as tmp:
                 build(tmp)
+    finally:
+        lock.release()
     return out
 
 
@@ -426,23 +435,25 @@ def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
     if torch.cuda.is_available():
         return float("inf") if torch.cuda.is_bf16_supported() else 0.0
 
-    def best_time(dtype: torch.dtype, n: int, repeats: int) -> float:
+    def best_time(dtype: torch.dtype, n: int, samples: int) -> float:
         a = torch.randn(n, n, dtype=dtype)
         b = torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up: first call pays for kernel selection
         times = []
-        for _ in range(repeats):
+        for _ in range(samples):
             start = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - start)
         return min(times)
 
-    # Without bf16 units a CPU emulates bf16 matmuls 10-100x slower than fp32 (0.9 vs 94 GFLOP/s on an
-    # AVX2-only EPYC: 0.02x at 256), so the full-size probe would take 6 s in every stage's start; small
-    # products show it in 0.1 s. Anything short of such a gap goes on to the full-size probe, as before.
-    small = best_time(torch.float32, 256, 3) / best_time(torch.bfloat16, 256, 2)
-    if small < 0.1:
-        return small
+    # Where oneDNN has no bf16 kernels (no bf16 units, e.g. an AVX2-only EPYC), bf16 matmuls run a generic
+    # fallback ~100x slower than fp32 (there: 0.9 vs 94 GFLOP/s at 1024), and the full-size probe would take
+    # 6 s of every stage's start. A 256 product shows the gap in 0.1 s (0.02x there). CPUs oneDNN runs bf16
+    # on always take the full probe, so a hiccup in a small timing cannot send them to fp32.
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        small = best_time(torch.float32, 256, 3) / best_time(torch.bfloat16, 256, 2)
+        if small < 0.1:
+            return small
     return best_time(torch.float32, size, repeats) / best_time(torch.bfloat16, size, repeats)
 
 
@@ -504,4 +515,4 @@ def describe_compile(enabled: bool) -> str:
 def describe_precision(precision: str) -> str:
     if torch.cuda.is_available():
         return f"{precision} (cuda)"
-    return f"{precision} (probe: bf16 matmul {bf16_speedup():.1f}x fp32 on this CPU)"
+    return f"{precision} (probe: bf16 matmul {bf16_speedup():.2g}x fp32 on this CPU)"

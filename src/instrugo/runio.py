@@ -101,7 +101,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final` in one rename.
 
-    Used for checkpoints: a kill during saving leaves the previous checkpoint untouched.
+    Used for checkpoints and the model cache: a kill during saving leaves the previous directory untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
