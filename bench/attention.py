@@ -6,6 +6,8 @@ before, and a forward pass with each kernel. The measurements behind `generation
 `generation.draw`, `models.packed_linears` and `models.grouped_attention`.
 Usage: .venv/bin/python bench/attention.py"""
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
@@ -61,7 +63,7 @@ for rows in DECODE_BATCHES:
     for label, cache_factory, pack in VARIANTS:
         generation.preallocated_cache = cache_factory
         with torch.autocast("cpu", dtype=torch.bfloat16), models.inference_attention(model), \
-                models.packed_linears(model, "bf16" if pack else "fp32"):
+                (models.packed_linears(model, "bf16") if pack else contextlib.nullcontext()):
             short, long = (best_seconds(lambda n=n: generation.decode(
                 model, ids, mask, n, 1.0, 1.0, -1, tokenizer.pad_token_id, torch.Generator().manual_seed(0)), ROUNDS)
                 for n in (SHORT, LONG))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from instrugo.generation import (PreallocatedLayer, SamplingConfig, decode, draw, pad_batch, next_tokens,
@@ -290,21 +291,24 @@ def test_sampling_is_seeded_and_returns_n_per_prompt(tiny_tokenizer, tiny_model_
             assert 0 < len(s.token_ids) <= 8
 
 
-def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokenizer, tiny_model_dir):
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        import pytest
-        pytest.skip("packed_linears is a no-op without oneDNN bf16")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokenizer, tiny_model_dir, precision):
+    if not torch.backends.mkldnn.is_available() or (
+            precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip(f"packed_linears is a no-op in {precision} without oneDNN{' bf16' * (precision == 'bf16')}")
     from instrugo.models import autocast, packed_linears
 
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     ids = torch.randint(100, 1000, (3, 9))
-    with torch.no_grad(), autocast("bf16"):
+    with torch.no_grad(), autocast(precision):
         expected = model(input_ids=ids).logits
-        with packed_linears(model, "bf16"):
+        with packed_linears(model, precision):
             assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
             packed = model(input_ids=ids).logits
     assert not any("forward" in vars(m) for m in model.modules())
-    torch.testing.assert_close(packed.float(), expected.float(), atol=1e-3, rtol=1e-3)
+    assert packed.dtype == expected.dtype
+    tolerance = 1e-3 if precision == "bf16" else 1e-5
+    torch.testing.assert_close(packed.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_inference_attention_gives_eager_attentions_logits_and_restores_the_model(tiny_tokenizer, tiny_model_dir):

@@ -285,30 +285,33 @@ def inference_attention(*modules):
 
 
 def _packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed_weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed_weight.dtype), packed_weight, bias, "none", [], "")
 
 
 @contextlib.contextmanager
 def packed_linears(model, precision: str):
-    """Inside the block (no-grad inference), every linear layer of `model` runs oneDNN's bf16 matmul on a
-    copy of its weight packed once into the kernel's blocked layout. `F.linear` repacks the weight at every
-    call, which at decoding's few rows is a large part of the step: bench/attention.py measured a decode
-    step of the default model at 39.8 ms unpacked vs 22.3 ms packed at batch 8 (67.1 vs 47.9 at 32), with
-    bit-identical outputs. CPU with bf16 only (elsewhere a no-op); the packed copies (the weights once
-    more, in bf16) live for the block."""
+    """Inside the block (no-grad inference), every linear layer of `model` runs oneDNN's matmul, in the
+    precision's dtype, on a copy of its weight packed once into the kernel's blocked layout. `F.linear`
+    repacks the weight at every call, which at decoding's few rows is a large part of the step:
+    bench/attention.py measured a bf16 decode step of the default model at 39.8 ms unpacked vs 22.3 ms
+    packed at batch 8 (67.1 vs 47.9 at 32), with bit-identical outputs. In fp32 (an AVX2-only EPYC,
+    bench/packed_decode.py) sampling ran 1.26x as fast at 8 rows and 1.14x at 128, outputs within ~3e-6 of
+    F.linear's (another summation order). CPU with oneDNN only (elsewhere a no-op); the packed copies (the
+    weights once more) live for the block."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if (precision != "bf16" or not on_cpu or not torch.backends.mkldnn.is_available()
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not on_cpu or not torch.backends.mkldnn.is_available() or (
+            precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         yield
         return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     patched = []
     try:
         for module in model.modules():
             # Exactly nn.Linear (wrappers such as LoRA's keep their own forward), and not already patched by
             # someone else (e.g. accelerate's offload hooks), whose forward deleting ours would drop.
             if type(module) is torch.nn.Linear and "forward" not in vars(module):
-                weight = module.weight.detach().to(torch.bfloat16)
-                bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
+                weight = module.weight.detach().to(dtype)
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32: a row-count hint only
                 module.forward = functools.partial(_packed_linear, packed, bias)
                 patched.append(module)
