@@ -311,6 +311,23 @@ def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokeniz
     torch.testing.assert_close(packed.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+def test_packed_linears_fall_back_to_plain_layers_where_onednn_cannot_pack(tiny_tokenizer, tiny_model_dir,
+                                                                            monkeypatch):
+    from instrugo.models import packed_linears
+
+    def cannot_pack(weight, rows):
+        raise RuntimeError("no such kernel on this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", cannot_pack)
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    ids = torch.randint(100, 1000, (3, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with packed_linears(model, "fp32"):
+            assert not any("forward" in vars(m) for m in model.modules())
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+
+
 def test_inference_attention_gives_eager_attentions_logits_and_restores_the_model(tiny_tokenizer, tiny_model_dir):
     """The grouped-head kernel against eager attention (the tiny model groups 4 query heads on 2 key/value
     heads) on every mask it meets: left padding, none (a purely causal block, which transformers passes as no

@@ -306,15 +306,21 @@ def packed_linears(model, precision: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     patched = []
     try:
-        for module in model.modules():
-            # Exactly nn.Linear (wrappers such as LoRA's keep their own forward), and not already patched by
-            # someone else (e.g. accelerate's offload hooks), whose forward deleting ours would drop.
-            if type(module) is torch.nn.Linear and "forward" not in vars(module):
-                weight = module.weight.detach().to(dtype)
-                bias = None if module.bias is None else module.bias.detach().to(dtype)
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32: a row-count hint only
-                module.forward = functools.partial(_packed_linear, packed, bias)
-                patched.append(module)
+        try:
+            for module in model.modules():
+                # Exactly nn.Linear (wrappers such as LoRA's keep their own forward), and not already patched by
+                # someone else (e.g. accelerate's offload hooks), whose forward deleting ours would drop.
+                if type(module) is torch.nn.Linear and "forward" not in vars(module):
+                    weight = module.weight.detach().to(dtype)
+                    bias = None if module.bias is None else module.bias.detach().to(dtype)
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32: a row-count hint only
+                    module.forward = functools.partial(_packed_linear, packed, bias)
+                    patched.append(module)
+        except RuntimeError as error:  # a oneDNN build without this kernel (e.g. on some ARM CPUs): F.linear
+            log.info("decoding without packed weights: %s", error)
+            for module in patched:
+                del module.forward
+            patched = []
         yield
     finally:
         for module in patched:
