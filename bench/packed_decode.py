@@ -1,7 +1,7 @@
 """Sampling with and without `models.packed_linears`, alternating, in the precision instrugo picks on this
-CPU: the default policy's responses to the first `ppo` prompts at PPO's rollout setting (8 rows, up to 32
-new tokens) and at the sampling stages' (128 rows, up to 128 tokens), temperature 1, same seeds on both
-sides. Prints each round's tokens/s and the medians' ratio.
+CPU: the default policy's responses to the first `ppo` prompts at the TRL benchmark's two generation
+settings (bench/run.py: 8 rows, up to 32 new tokens; 128 rows, up to 128 tokens), temperature 1, same
+seeds on both sides, the order of the two swapped every round. Prints each round's tokens/s and the medians' ratio.
 Usage: .venv/bin/python bench/packed_decode.py [ROUNDS]   (default 3)"""
 import contextlib
 import statistics
@@ -25,7 +25,7 @@ for rows, new_tokens in SETTINGS:
     config = SamplingConfig(new_tokens, 1.0, 1.0, rows)
     rates = {"packed": [], "unpacked": []}
     for round_index in range(ROUNDS + 1):  # round 0 warms up both
-        for variant in ("packed", "unpacked"):
+        for variant in ("packed", "unpacked")[::1 if round_index % 2 else -1]:
             generation.packed_linears = packed_linears if variant == "packed" else (
                 lambda model, precision: contextlib.nullcontext())
             started = time.perf_counter()

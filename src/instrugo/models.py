@@ -295,7 +295,7 @@ def packed_linears(model, precision: str):
     repacks the weight at every call, which at decoding's few rows is a large part of the step:
     bench/attention.py measured a bf16 decode step of the default model at 39.8 ms unpacked vs 22.3 ms
     packed at batch 8 (67.1 vs 47.9 at 32), with bit-identical outputs. In fp32 (an AVX2-only EPYC,
-    bench/packed_decode.py) sampling ran 1.26x as fast at 8 rows and 1.14x at 128, outputs within ~3e-6 of
+    bench/packed_decode.py) sampling ran 1.27x as fast at 8 rows and 1.14x at 128, outputs within ~3e-6 of
     F.linear's (another summation order). CPU with oneDNN only (elsewhere a no-op); the packed copies (the
     weights once more) live for the block."""
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -308,16 +308,20 @@ def packed_linears(model, precision: str):
     try:
         try:
             for module in model.modules():
-                # Exactly nn.Linear (wrappers such as LoRA's keep their own forward), and not already patched by
-                # someone else (e.g. accelerate's offload hooks), whose forward deleting ours would drop.
-                if type(module) is torch.nn.Linear and "forward" not in vars(module):
+                # Exactly nn.Linear (a LoRA wrapper keeps its own forward around the layers inside it), not
+                # already patched by someone else (e.g. accelerate's offload hooks), whose forward deleting ours
+                # would drop, and in fp32 not a layer stored in bf16 (an fp32 copy would double its memory).
+                if (type(module) is torch.nn.Linear and "forward" not in vars(module)
+                        and (precision == "bf16" or module.weight.dtype == torch.float32)):
                     weight = module.weight.detach().to(dtype)
                     bias = None if module.bias is None else module.bias.detach().to(dtype)
                     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32: a row-count hint only
+                    if not patched:  # the kernel itself may be missing where packing works
+                        _packed_linear(packed, bias, weight.new_zeros(1, weight.shape[1]))
                     module.forward = functools.partial(_packed_linear, packed, bias)
                     patched.append(module)
-        except RuntimeError as error:  # a oneDNN build without this kernel (e.g. on some ARM CPUs): F.linear
-            log.info("decoding without packed weights: %s", error)
+        except RuntimeError as error:  # a oneDNN build without these kernels (e.g. on some ARM CPUs): F.linear
+            log.warning("decoding without packed weights: %s", error)
             for module in patched:
                 del module.forward
             patched = []
