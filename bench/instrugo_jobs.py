@@ -41,9 +41,9 @@ def matmul_gflops(dtype: torch.dtype, size: int, seconds: float) -> float:
 
 
 def job_matmul(job: dict) -> dict:
-    # Where instrugo's probe finds bf16 emulated (no bf16 units: ~100x slower than fp32), one bf16 product at
-    # 2048 takes a minute; its rate is read at 256 then, as it only shows that fp32 is the precision to use.
-    bf16_size = 256 if models.bf16_speedup() < 0.1 else job["size"]
+    # Without oneDNN bf16 kernels (bf16 ~100x slower than fp32) one bf16 product at 2048 takes a minute; its
+    # rate is read at 256 then, as it only shows that fp32 is the precision to use.
+    bf16_size = job["size"] if models.onednn_has_bf16() else 256
     return {"bf16_gflops": matmul_gflops(torch.bfloat16, bf16_size, job["seconds"]), "bf16_size": bf16_size,
             "fp32_gflops": matmul_gflops(torch.float32, job["size"], job["seconds"]),
             "threads": torch.get_num_threads()}

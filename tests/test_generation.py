@@ -293,10 +293,10 @@ def test_sampling_is_seeded_and_returns_n_per_prompt(tiny_tokenizer, tiny_model_
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokenizer, tiny_model_dir, precision):
-    if not torch.backends.mkldnn.is_available() or (
-            precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    from instrugo.models import autocast, onednn_has_bf16, packed_linears
+
+    if not torch.backends.mkldnn.is_available() or (precision == "bf16" and not onednn_has_bf16()):
         pytest.skip(f"packed_linears is a no-op in {precision} without oneDNN{' bf16' * (precision == 'bf16')}")
-    from instrugo.models import autocast, packed_linears
 
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     ids = torch.randint(100, 1000, (3, 9))

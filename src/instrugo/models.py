@@ -284,6 +284,12 @@ def inference_attention(*modules):
             model.set_attn_implementation(loaded)
 
 
+def onednn_has_bf16() -> bool:
+    """Whether this CPU build's oneDNN runs bf16 kernels (bf16 units: AVX-512 bf16, AMX). Without them bf16
+    matmuls take a generic fallback ~100x slower than fp32, and weights cannot be packed in bf16."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.to(packed_weight.dtype), packed_weight, bias, "none", [], "")
 
@@ -299,8 +305,7 @@ def packed_linears(model, precision: str):
     F.linear's (another summation order). CPU with oneDNN only (elsewhere a no-op); the packed copies (the
     weights once more) live for the block."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if not on_cpu or not torch.backends.mkldnn.is_available() or (
-            precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not on_cpu or not torch.backends.mkldnn.is_available() or (precision == "bf16" and not onednn_has_bf16()):
         yield
         return
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -459,11 +464,11 @@ def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    # Where oneDNN has no bf16 kernels (no bf16 units, e.g. an AVX2-only EPYC), bf16 matmuls run a generic
-    # fallback ~100x slower than fp32 (there: 0.9 vs 94 GFLOP/s at 1024), and the full-size probe would take
-    # 6 s of every stage's start. A 256 product shows the gap in 0.1 s (0.02x there). CPUs oneDNN runs bf16
-    # on always take the full probe, so a hiccup in a small timing cannot send them to fp32.
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    # Where oneDNN has no bf16 kernels (an AVX2-only EPYC: bf16 0.3 vs fp32 129 GFLOP/s at 2048 in
+    # bench/run.py's ceiling job), the full-size probe took 6 s of every stage's start; a 256 product shows
+    # the gap in 0.1 s (0.02x there). CPUs oneDNN runs bf16 on always take the full probe, so a hiccup in a
+    # small timing cannot send them to fp32.
+    if not onednn_has_bf16():
         small = best_time(torch.float32, 256, 3) / best_time(torch.bfloat16, 256, 2)
         if small < 0.1:
             return small
