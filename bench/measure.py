@@ -62,16 +62,18 @@ def train_flops(n_params: int, tokens: float) -> float:
 
 
 def ppo_phase_flops(n_policy: int, n_value: int, n_reward: int, episodes: int, tokens_per_episode: float,
-                    ppo_epochs: int) -> dict[str, float]:
-    """Model FLOPs of one PPO update, per phase.
+                    ppo_epochs: int, recomputes_logprobs: bool) -> dict[str, float]:
+    """Model FLOPs of one PPO update, per phase, as instrugo runs it.
 
     generate: one forward per token of prompt and response through the policy (KV cache);
-    score: forward passes of policy (old log-probs), reference, value and reward model;
+    score: forward passes of reference, value and reward model, and of the policy (old log-probs) where
+    they are recomputed rather than the sampler's (`ppo.reuses_sampler_logprobs`);
     train: forward + backward of policy and value network, once per PPO epoch.
     """
     tokens = episodes * tokens_per_episode
+    policy_passes = 2 if recomputes_logprobs else 1  # the reference's, and the policy's own
     return {"generate": forward_flops(n_policy, tokens),
-            "score": forward_flops(2 * n_policy + n_value + n_reward, tokens),
+            "score": forward_flops(policy_passes * n_policy + n_value + n_reward, tokens),
             "train": ppo_epochs * train_flops(n_policy + n_value, tokens)}
 
 

@@ -51,11 +51,15 @@ def test_flop_parameters_drop_the_embedding_lookup_but_count_the_lm_head():
 
 
 def test_ppo_phase_flops_count_each_model_pass():
-    flops = ppo_phase_flops(n_policy=100, n_value=40, n_reward=40, episodes=8, tokens_per_episode=50, ppo_epochs=4)
+    flops = ppo_phase_flops(n_policy=100, n_value=40, n_reward=40, episodes=8, tokens_per_episode=50, ppo_epochs=4,
+                            recomputes_logprobs=True)
     tokens = 8 * 50
     assert flops["generate"] == 2 * 100 * tokens
     assert flops["score"] == 2 * (100 + 100 + 40 + 40) * tokens  # policy, reference, value, reward
     assert flops["train"] == 4 * 6 * (100 + 40) * tokens
+    reused = ppo_phase_flops(n_policy=100, n_value=40, n_reward=40, episodes=8, tokens_per_episode=50, ppo_epochs=4,
+                             recomputes_logprobs=False)
+    assert reused["score"] == 2 * (100 + 40 + 40) * tokens  # the sampler's log-probs: no policy pass
 
 
 def test_ceiling_fraction():

@@ -211,6 +211,20 @@ def test_frozen_linears_in_bf16_give_the_same_logits_under_autocast(tiny_tokeniz
         assert torch.equal(model(input_ids=ids).logits.float(), expected)
 
 
+def test_the_precision_probe_leaves_torchs_global_random_state_alone():
+    """The probe runs at the first stage of a process, after the stage seeded torch: drawing from the global
+    generator made a stage's minibatch order depend on whether an earlier stage had probed already."""
+    import torch
+
+    from instrugo import models
+
+    models.bf16_speedup.cache_clear()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    models.bf16_speedup(size=64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def _in_fresh_python(code: str, env: dict[str, str]) -> str:
     """stdout of `code` in a new interpreter with the test's environment plus `env`, minus malloc settings,
     a preloaded malloc and PyTorch's huge pages (so that only glibc's malloc is measured)."""

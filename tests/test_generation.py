@@ -38,7 +38,8 @@ def test_decode_drops_finished_rows_and_keeps_each_rows_tokens():
     ids, mask = pad_batch([[5, 10], [20], [7, 8, 30]], PAD)
     out = decode(model, ids, mask, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_id=EOS, pad_id=PAD,
                  generator=torch.Generator().manual_seed(0))
-    assert out == [([11, 12, EOS], True), ([21, 22, 23, 24, 25, EOS], True), ([31, 32, 33, 34, 35, 36, 37, 38], False)]
+    assert out == [([11, 12, EOS], True, None), ([21, 22, 23, 24, 25, EOS], True, None),
+                   ([31, 32, 33, 34, 35, 36, 37, 38], False, None)]  # greedy: no log-probs
     # Prefill with 3 rows; the first row leaves after its EOS, the second after its own.
     assert model.calls == [3, 3, 3, 2, 2, 2, 1, 1]
 
@@ -48,7 +49,7 @@ def test_copies_of_a_prompt_share_its_prompt_pass_and_continue_it_each():
     ids, mask = pad_batch([[5, 10], [20]], PAD)
     out = decode(model, ids, mask, max_new_tokens=6, temperature=0.0, top_p=1.0, eos_id=EOS, pad_id=PAD,
                  generator=torch.Generator().manual_seed(0), prompt_of_row=torch.tensor([0, 1, 0, 1, 1]))
-    first, second = ([11, 12, EOS], True), ([21, 22, 23, 24, 25, EOS], True)
+    first, second = ([11, 12, EOS], True, None), ([21, 22, 23, 24, 25, EOS], True, None)
     assert out == [first, second, first, second, second]
     assert model.calls == [2, 5, 5, 3, 3, 3]  # one prompt pass for 2 prompts, then a row per copy
 
@@ -92,18 +93,33 @@ def test_copies_of_a_prompt_split_across_batches_each_continue_it(tiny_tokenizer
 def test_decode_never_samples_the_pad_token():
     model = CountingModel()
     ids, mask = pad_batch([[30]], PAD)
-    [(tokens, _)] = decode(model, ids, mask, 4, 1.0, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
+    [(tokens, _, _)] = decode(model, ids, mask, 4, 1.0, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
     assert PAD not in tokens
 
 
 def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
-    drawn = next_tokens(logits, 1.0, 0.6, torch.Generator().manual_seed(0))
+    drawn, _ = next_tokens(logits, 1.0, 0.6, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {0, 1}          # 0.5 < 0.6, so token 1 is needed; 0.8 >= 0.6 stops
     assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.03   # renormalised within the nucleus
-    full = next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    full, _ = next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
     assert abs((full == 2).float().mean().item() - 0.2) < 0.03
-    assert next_tokens(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 1.0, torch.Generator()).tolist() == [1]
+    assert next_tokens(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 1.0, torch.Generator())[0].tolist() == [1]
+
+
+def test_drawn_tokens_come_with_their_full_softmax_logprobs_at_the_temperature():
+    """A banned token is never drawn and the others keep their proportions, but the log-probs returned are
+    those of softmax(logits / T) over the whole vocabulary: what a forward pass over the response gives."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
+    drawn, logprobs = next_tokens(logits, 0.5, 1.0, torch.Generator().manual_seed(0), banned=0)
+    assert set(drawn.tolist()) == {1, 2}
+    assert abs((drawn == 1).float().mean().item() - 0.09 / 0.13) < 0.03   # 0.3² : 0.2² at T = 0.5
+    expected = torch.log_softmax(logits[0] / 0.5, -1)                       # 0.25, 0.09, 0.04 over 0.38
+    torch.testing.assert_close(logprobs, expected[drawn])
+    nucleus, _ = next_tokens(logits, 1.0, 0.55, torch.Generator().manual_seed(0), banned=0)
+    assert set(nucleus.tolist()) == {1}          # of what can be drawn, token 1 holds 0.6 >= 0.55
+    greedy, none = next_tokens(logits[:1], 0.0, 1.0, torch.Generator(), banned=0)
+    assert greedy.tolist() == [1] and none is None
 
 
 def test_draw_follows_the_weights_and_never_picks_a_zero_weight():
@@ -262,7 +278,7 @@ def test_greedy_decode_matches_transformers_generate(tiny_tokenizer, tiny_model_
         reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                    pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
                                    suppress_tokens=[tiny_tokenizer.pad_token_id])[:, ids.shape[1]:].tolist()
-    for (tokens, has_eos), row in zip(ours, reference):
+    for (tokens, has_eos, _), row in zip(ours, reference):
         assert tokens == row[:len(tokens)]
         assert has_eos == (tokens[-1] == tiny_tokenizer.eos_token_id)
         assert has_eos or len(tokens) == 12

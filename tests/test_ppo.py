@@ -35,6 +35,33 @@ def test_batched_logprobs_with_padding_equal_unpadded_ones(tiny_model_dir, tiny_
             torch.testing.assert_close(batched[row, :len(r)], alone[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_the_policy_pass_over_the_rollout(tiny_model_dir, tiny_tokenizer, temperature):
+    """What PPO reuses in fp32: the log-probs the sampler computed while drawing (KV cache, packed weights,
+    rows leaving the batch at EOS) equal a forward pass over the padded rollout, as the training pass reads it."""
+    from instrugo.generation import SamplingConfig, encode_prompts, sample_responses
+    from instrugo.ppo import response_tensors
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    eos = tiny_tokenizer.eos_token_id
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)  # EOS comes early in some rows
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()[eos] = 8.0
+    model.lm_head = head
+    prompts = ["Hi", "Name a planet.", "Write a long sentence about rivers.", "List three colours, please."] * 2
+    samples = [s[0] for s in sample_responses(model, tiny_tokenizer, prompts, config=SamplingConfig(16, temperature, 1.0, 8),
+                                              precision="fp32", seed=3)]
+    lengths = {len(s.token_ids) for s in samples}
+    assert len(lengths) > 1 and any(s.has_eos for s in samples)
+    response, response_mask, sampled = response_tensors(samples, tiny_tokenizer.pad_token_id)
+    query, query_mask = pad_batch(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        recomputed = policy_logprobs(model, sequence_inputs(query, query_mask, response, response_mask), response,
+                                     temperature)
+    torch.testing.assert_close(sampled * response_mask, recomputed * response_mask, rtol=0, atol=1e-4)
+
+
 def test_logprobs_use_the_sampling_temperature(tiny_model_dir, tiny_tokenizer):
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     query, query_mask = pad_batch([[11, 12, 13]], 0)
@@ -121,8 +148,9 @@ def test_value_warmup_iterations_train_only_the_value_network(tmp_path):
     assert ["policy_loss" in r for r in rows] == [False, False, True]
     assert all(r["value_loss"] > 0 for r in rows)
     assert [r["value_clipfrac"] for r in rows[:2]] == [0.0, 0.0]  # the warm-up's value loss is unclipped
-    # Iteration 3's rollouts come from the policy as it left the warm-up: still exactly the reference.
-    assert rows[2]["kl"] == 0.0
+    # Iteration 3's rollouts come from the policy as it left the warm-up: still the reference (its log-probs
+    # are the sampler's, within ~1e-6 of the reference's forward pass).
+    assert rows[2]["kl"] == pytest.approx(0.0, abs=1e-5)
     start_value, value = load_file(rm / "model.safetensors"), load_file(out / "value" / "model.safetensors")
     assert any(not torch.equal(start_value[name], value[name]) for name in start_value)
 
@@ -260,6 +288,7 @@ def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_pat
         batches = real_sampler(model, tokenizer, prompts, **kwargs)
         for (sample,), length in zip(batches, lengths):
             sample.token_ids = sample.token_ids[:length - 1] + [tokenizer.eos_token_id]
+            sample.logprobs = sample.logprobs[:length]  # one per token; unused: the run below recomputes them
             sample.text, sample.has_eos = tokenizer.decode(sample.token_ids, skip_special_tokens=True), True
         return batches
 
@@ -267,13 +296,33 @@ def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_pat
     rm = tiny_reward_model(tmp_path)
     logged = []
     for micro in (8, 4, 1):
+        # The responses are cut and end in a substituted EOS, so the sampler's log-probs no longer fit them.
         out = run_ppo(tiny_ppo_config(tmp_path, rm, out=str(tmp_path / f"micro{micro}"), total_episodes=8,
-                                      minibatches=1, micro_batch_size=micro, ptx_coef=0.0, ema_decay=0.0))
+                                      minibatches=1, micro_batch_size=micro, ptx_coef=0.0, ema_decay=0.0,
+                                      rollout_logprobs="recompute"))
         logged.append(runio.read_metrics(out / "metrics.jsonl")[0])
     assert logged[0]["response_length"] == pytest.approx(sum(lengths) / len(lengths))
     for row in logged[1:]:
         assert row["policy_grad_norm"] == pytest.approx(logged[0]["policy_grad_norm"], rel=1e-4)
         assert row["value_grad_norm"] == pytest.approx(logged[0]["value_grad_norm"], rel=1e-4)
+
+
+def test_reusing_the_samplers_logprobs_gives_the_update_of_recomputing_them(tmp_path):
+    """`rollout_logprobs`: in fp32 an iteration with the sampler's log-probs logs the losses, KL and gradient
+    norms of one that recomputes them with a policy pass (two iterations, the second from updated weights)."""
+    from instrugo import runio
+    from instrugo.ppo import run_ppo
+
+    rm = tiny_reward_model(tmp_path)
+    logged = {}
+    for source in ("sampler", "recompute"):
+        out = run_ppo(tiny_ppo_config(tmp_path, rm, out=str(tmp_path / source), total_episodes=16, ema_decay=0.0,
+                                      rollout_logprobs=source))
+        logged[source] = runio.read_metrics(out / "metrics.jsonl")
+    for reused, recomputed in zip(logged["sampler"], logged["recompute"], strict=True):
+        assert reused["response_length"] == recomputed["response_length"]
+        for key in ("kl", "policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm"):
+            assert reused[key] == pytest.approx(recomputed[key], rel=1e-3, abs=1e-5), key
 
 
 def test_compiled_layers_give_the_same_ppo_ptx_update(tmp_path, compiling):

@@ -15,7 +15,7 @@ fixed low score).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -30,6 +30,15 @@ class Sample:
     text: str                   # decoded response, EOS and padding removed
     token_ids: list[int]        # response tokens as generated, up to and including the first EOS
     has_eos: bool
+    logprobs: list[float] | None = None  # log π of each token at the sampling temperature (None when greedy)
+
+
+class Continuation(NamedTuple):
+    """One row of `decode`: its tokens up to and including the first EOS, whether it has one, and each
+    token's log-probability under softmax(logits / T) (None when greedy)."""
+    tokens: list[int]
+    has_eos: bool
+    logprobs: list[float] | None
 
 
 # Sequences decoded together by default. A decode step reads every weight once whatever the batch, so
@@ -90,19 +99,31 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).squeeze(-1)
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from [B, V] logits: greedy when temperature is 0, else softmax(logits / T) cut
-    to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+                banned: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token per row from [B, V] logits, never `banned`: greedy when temperature is 0, else drawn from
+    softmax(logits / T) cut to the smallest set of tokens whose probability reaches top_p (nucleus
+    sampling). Also returns each drawn token's log-probability under softmax(logits / T) over the whole
+    vocabulary, as a forward pass over the response gives it (PPO reuses it), or None when greedy."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if banned is not None:
+            logits = logits.clone()
+            logits[:, banned] = float("-inf")
+        return logits.argmax(-1), None
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = log_probs.exp()
+    if banned is not None:
+        probs[:, banned] = 0.0
     if top_p < 1.0:
+        probs = probs / probs.sum(-1, keepdim=True)  # the nucleus is a share of what can be drawn
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep a token while the mass before it is below top_p (the most likely token is always kept).
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         choice = draw(sorted_probs.masked_fill(outside, 0.0), generator)
-        return order.gather(-1, choice[:, None]).squeeze(-1)
-    return draw(probs, generator)
+        token = order.gather(-1, choice[:, None]).squeeze(-1)
+    else:
+        token = draw(probs, generator)
+    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -211,10 +232,10 @@ def prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ca
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
            top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
-           prompt_of_row: torch.Tensor | None = None) -> list[tuple[list[int], bool]]:
-    """Sample a continuation of each left-padded prompt; returns (tokens up to and including EOS, has_eos)
-    per row. Row r continues prompt `prompt_of_row[r]` (default: one row per prompt): several samples of
-    one prompt share its prompt pass, whose cache and logits are copied to each of them.
+           prompt_of_row: torch.Tensor | None = None) -> list[Continuation]:
+    """Sample a continuation of each left-padded prompt, one `Continuation` per row. Row r continues prompt
+    `prompt_of_row[r]` (default: one row per prompt): several samples of one prompt share its prompt pass,
+    whose cache and logits are copied to each of them.
 
     Finished rows are dropped from the batch and the KV cache once they are an eighth of it (dropping
     costs a copy of the cache, so not one row at a time). Position ids skip the left padding, as in
@@ -229,14 +250,17 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     finished = torch.zeros(batch, dtype=torch.bool)  # emitted EOS, waiting to be dropped
     next_position = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] | None = None if temperature <= 0 else [[] for _ in range(batch)]
     has_eos = [False] * batch
     for step in range(max_new_tokens):
-        logits[:, pad_id] = float("-inf")
-        token = next_tokens(logits, temperature, top_p, generator)
-        for row, value, done in zip(rows.tolist(), token.tolist(), finished.tolist()):
+        token, token_logprob = next_tokens(logits, temperature, top_p, generator, banned=pad_id)
+        row_logprobs = token_logprob.tolist() if logprobs is not None else [None] * len(rows)
+        for row, value, logprob, done in zip(rows.tolist(), token.tolist(), row_logprobs, finished.tolist()):
             if not done:
                 tokens[row].append(value)
                 has_eos[row] = value == eos_id
+                if logprobs is not None:
+                    logprobs[row].append(logprob)
         finished |= token.cpu() == eos_id
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
@@ -250,7 +274,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    return list(zip(tokens, has_eos))
+    return [Continuation(t, e, logprobs[row] if logprobs is not None else None)
+            for row, (t, e) in enumerate(zip(tokens, has_eos))]
 
 
 @torch.no_grad()
@@ -283,9 +308,9 @@ def sample_responses(model, tokenizer, prompts: Sequence[str | list[dict]], n: i
             decoded = decode(model, input_ids.to(device), attention_mask.to(device), config.max_new_tokens,
                              0.0 if greedy else config.temperature, config.top_p, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator, prompt_of_row)
-            for (prompt_index, copy), (tokens, has_eos) in zip(batch, decoded):
+            for (prompt_index, copy), (tokens, has_eos, logprobs) in zip(batch, decoded):
                 text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                results[prompt_index][copy] = Sample(prompt_index, text, tokens, has_eos)
+                results[prompt_index][copy] = Sample(prompt_index, text, tokens, has_eos, logprobs)
             if progress is not None:
                 progress(len(batch))
     model.train(was_training)

@@ -454,8 +454,11 @@ def bf16_speedup(size: int = 768, repeats: int = 6) -> float:
         return float("inf") if torch.cuda.is_bf16_supported() else 0.0
 
     def best_time(dtype: torch.dtype, n: int, samples: int) -> float:
-        a = torch.randn(n, n, dtype=dtype)
-        b = torch.randn(n, n, dtype=dtype)
+        # Its own generator: the probe runs at the first stage of a process, after that stage has seeded
+        # torch's global one, whose draws (PPO's minibatch order) must not depend on whether it ran before.
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, dtype=dtype, generator=generator)
+        b = torch.randn(n, n, dtype=dtype, generator=generator)
         a @ b  # warm-up: first call pays for kernel selection
         times = []
         for _ in range(samples):

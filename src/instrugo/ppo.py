@@ -3,8 +3,9 @@
 Each iteration (REFERENCE §3–§4):
 1. rollout: sample one response per prompt from the policy (temperature 1), truncated after its first EOS;
 2. score: the reward model reads the prompt and response as *text* (its own tokenizer); a response with
-   no EOS gets a fixed low score; the policy, the frozen SFT reference and the value network read the
-   policy's tokens in one forward pass each;
+   no EOS gets a fixed low score; the frozen SFT reference and the value network read the policy's
+   tokens in one forward pass each; the policy's own log-probs are the sampler's (in fp32; under bf16 the
+   policy reads the tokens again, see `rollout_logprobs`);
 3. rewards: per token −β·(log π − log π_ref), plus the RM score at the last response token; β fixed
    (InstructGPT: 0.02) or adaptive towards a target KL;
 4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked; under a multi-process launch, over
@@ -103,6 +104,11 @@ class PPOConfig:
     reward: str = option("model", "What scores the rollouts: the reward model, or 'gold': the gold judge, an oracle "
                                   "reward that tells the reward model's error from PPO's (prompts need constraints).")
     rollout_batch_size: int = option(DECODE_BATCH_SIZE, "Sequences generated together.")
+    rollout_logprobs: str = option("auto", "Where log π_old of the rollout comes from: 'sampler' keeps what the sampler "
+                                           "computed while drawing (one policy forward pass fewer per iteration), "
+                                           "'recompute' runs the policy over the rollout again; auto: the sampler in "
+                                           "fp32, where the two agree to ~1e-5, recompute under bf16, where the "
+                                           "sampler's packed bf16 kernels round differently from the training pass.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     compile: bool = option(False, training.COMPILE_HELP)
     save_every: int = option(5, "Checkpoint every N iterations (a kill loses the iterations since the last one). The default model's "
@@ -127,6 +133,8 @@ class PPOConfig:
                 "micro_batch_size", f"must divide the minibatch size ({per_minibatch:g} episodes)")
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
         require(self.reward in ("model", "gold"), "reward", "must be model or gold")
+        require(self.rollout_logprobs in ("auto", "sampler", "recompute"), "rollout_logprobs",
+                "must be auto, sampler or recompute")
         require(self.total_episodes >= self.episodes_per_batch, "total_episodes", "must be >= episodes_per_batch")
         require(0 <= self.value_warmup_iterations < self.total_episodes // self.episodes_per_batch,
                 "value_warmup_iterations", "must be >= 0 and leave at least one iteration that trains the policy")
@@ -169,6 +177,11 @@ class Rollout:
 def by_response_length(rollout: Rollout, index: torch.Tensor) -> torch.Tensor:
     """`index` reordered by response length (stable), so consecutive micro-batches pad little."""
     return index[torch.argsort(rollout.response_mask[index].sum(1), stable=True)]
+
+
+def reuses_sampler_logprobs(rollout_logprobs: str, precision: str) -> bool:
+    """Whether log π_old comes from the sampler (`PPOConfig.rollout_logprobs`; auto: in fp32)."""
+    return rollout_logprobs == "sampler" or (rollout_logprobs == "auto" and precision == "fp32")
 
 
 def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
@@ -238,10 +251,14 @@ class EMA:
         self.decay, self.shadow = state["decay"], state["shadow"]
 
 
-def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled responses as right-padded token ids [B, R] and a float mask of their tokens (EOS included)."""
+def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled responses as right-padded token ids [B, R], a float mask of their tokens (EOS included) and
+    the sampler's log-probs of them (0 on padding)."""
     response, mask = pad_batch([s.token_ids for s in samples], pad_id, "right")
-    return response, mask.float()
+    logprobs = torch.zeros(mask.shape)
+    for row, sample in enumerate(samples):
+        logprobs[row, :len(sample.token_ids)] = torch.tensor(sample.logprobs)
+    return response, mask.float(), logprobs
 
 
 def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
@@ -274,6 +291,7 @@ def run_ppo(config: PPOConfig) -> Path:
         return out
     precision = training.agreed_precision(config.precision)
     accelerator = training.make_accelerator(precision)
+    reuse_logprobs = reuses_sampler_logprobs(config.rollout_logprobs, precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     require(config.episodes_per_batch % (world * config.minibatches) == 0, "episodes_per_batch",
             f"must split evenly into {world} processes x {config.minibatches} minibatches")
@@ -356,10 +374,11 @@ def run_ppo(config: PPOConfig) -> Path:
               f"β={config.kl_coef} ({'adaptive' if config.adaptive_kl else 'fixed'}), "
               f"ptx γ={config.ptx_coef}" + (f" with {config.ptx_ratio:g} pretraining sequences per episode" if config.ptx_coef else "")
               + f"; {world} processes; precision {models.describe_precision(precision)}"
+              + f"; rollout log-probs {'from the sampler' if reuse_logprobs else 'recomputed'}"
               + models.describe_compile(config.compile)
               + (f"; resuming at iteration {start}" if start else ""))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start or None, enabled=accelerator.is_main_process)
-    # No nucleus cut: log-probs are recomputed from the full softmax, so truncated rollouts would be off-policy.
+    # No nucleus cut: PPO's log-probs are the full softmax's, so truncated rollouts would be off-policy.
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, 1.0, config.rollout_batch_size)
 
     bar = tqdm(total=iterations, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -385,9 +404,10 @@ def run_ppo(config: PPOConfig) -> Path:
         if judge_rollouts:
             verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
         query, query_mask = pad_batch([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
-        response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
+        response, response_mask, sampled_logprobs = response_tensors(samples, tokenizer.pad_token_id)
         device = accelerator.device
-        query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
+        query, query_mask, response, response_mask, sampled_logprobs = (
+            t.to(device) for t in (query, query_mask, response, response_mask, sampled_logprobs))
         with torch.no_grad(), accelerator.autocast():
             if config.reward == "gold":
                 raw_scores = torch.tensor([v.score for v in verdicts], device=device)
@@ -399,14 +419,16 @@ def run_ppo(config: PPOConfig) -> Path:
             has_eos = torch.tensor([s.has_eos for s in samples], device=device)
             scores = losses.no_eos_penalty(raw_scores, has_eos, config.no_eos_score)
             rollout = Rollout(query, query_mask, response, response_mask, scores)
-            rollout.logprobs, rollout.ref_logprobs, rollout.values = (torch.zeros_like(response_mask) for _ in range(3))
+            rollout.ref_logprobs, rollout.values = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
+            rollout.logprobs = sampled_logprobs if reuse_logprobs else torch.zeros_like(response_mask)
             # Micro-batches of similar response lengths, each cut to its own width (`select`).
             episodes = by_response_length(rollout, torch.arange(per_process, device=device))
             for micro_index in episodes.split(config.micro_batch_size):
                 micro = rollout.select(micro_index)
                 inputs = sequence_inputs(micro.query, micro.query_mask, micro.response, micro.response_mask)
                 width = micro.response.shape[1]
-                rollout.logprobs[micro_index, :width] = policy_logprobs(policy, inputs, micro.response, config.temperature)
+                if not reuse_logprobs:
+                    rollout.logprobs[micro_index, :width] = policy_logprobs(policy, inputs, micro.response, config.temperature)
                 with adapter_off(reference, share_reference):
                     rollout.ref_logprobs[micro_index, :width] = policy_logprobs(reference, inputs, micro.response, config.temperature)
                 rollout.values[micro_index, :width] = value(**inputs, response_width=width)
