@@ -107,7 +107,7 @@ class PPOConfig:
     rollout_logprobs: str = option("auto", "Where log π_old of the rollout comes from: 'sampler' keeps what the sampler "
                                            "computed while drawing (one policy forward pass fewer per iteration), "
                                            "'recompute' runs the policy over the rollout again; auto: the sampler in "
-                                           "fp32, where the two agree to ~1e-5, recompute under bf16, where the "
+                                           "fp32, where the two agree to ~1e-4, recompute under bf16, where the "
                                            "sampler's packed bf16 kernels round differently from the training pass.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     compile: bool = option(False, training.COMPILE_HELP)

@@ -1,0 +1,30 @@
+"""How far the sampler's log-probs (KV cache, packed weights, fused attention) are from a forward pass over
+the finished rollout (PPO's scoring pass, `ppo.policy_logprobs`), per precision: the evidence behind
+`PPOConfig.rollout_logprobs=auto` (reuse in fp32, recompute under bf16). The default policy's responses to
+the first 8 `ppo` prompts, up to 32 new tokens at temperature 1 (the PPO benchmark's setting). bf16 is
+measured only where oneDNN runs it (elsewhere a pass takes minutes and instrugo never picks it).
+Usage: .venv/bin/python bench/sampler_logprobs.py"""
+import torch
+
+from instrugo import models
+from instrugo.data import load_split
+from instrugo.generation import SamplingConfig, encode_prompts, pad_batch, sample_responses
+from instrugo.ppo import policy_logprobs, response_tensors, sequence_inputs
+
+ROWS, NEW_TOKENS = 8, 32
+
+models.setup_compute("fp32")
+tokenizer = models.load_tokenizer("default")
+model = models.load_causal_lm("default", tokenizer).eval()
+prompts = [r["messages"] for r in load_split("ppo")[:ROWS]]
+query, query_mask = pad_batch(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+for precision in ("fp32", "bf16") if models.onednn_has_bf16() else ("fp32",):
+    samples = [s[0] for s in sample_responses(model, tokenizer, prompts, config=SamplingConfig(NEW_TOKENS, 1.0, 1.0, ROWS),
+                                              precision=precision, seed=0)]
+    response, mask, sampled = response_tensors(samples, tokenizer.pad_token_id)
+    with torch.no_grad(), models.autocast(precision):
+        recomputed = policy_logprobs(model, sequence_inputs(query, query_mask, response, mask), response, 1.0)
+    gap = (sampled - recomputed).abs()[mask > 0]
+    ratio = (recomputed - sampled).exp()[mask > 0]  # the PPO ratio π/π_old the first minibatch starts from
+    print(f"{precision}: {int(mask.sum())} tokens; |sampler - forward pass| max {gap.max():.2e}, mean {gap.mean():.2e}; "
+          f"starting PPO ratio within [{ratio.min():.5f}, {ratio.max():.5f}]")
