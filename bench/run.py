@@ -170,7 +170,7 @@ def med(runs: list[dict], key: str) -> float | None:
 # ------------------------------------------------------------------------------------------- benchmarks
 
 def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
-    from instrugo.ppo import reuses_sampler_logprobs
+    from instrugo.ppo import PPOConfig, reuses_sampler_logprobs
 
     s = h.settings
     job = {"kind": "ppo", "model": inputs["model"], "reward_model": inputs["reward_model"],
@@ -181,7 +181,7 @@ def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
     n = inputs["flop_parameters"]
     tokens = inputs["ppo_prompt_tokens"] + (med(ours, "response_tokens") or 0)
     flops = ppo_phase_flops(n["policy"], n["scalar_head"], n["scalar_head"], s.ppo_batch, tokens, s.ppo_epochs,
-                            recomputes_logprobs=not reuses_sampler_logprobs("auto", precision))
+                            recomputes_logprobs=not reuses_sampler_logprobs(PPOConfig.rollout_logprobs, precision))
     flops["update"] = sum(flops.values())
     bench = f"PPO {model} (batch {s.ppo_batch}, {s.ppo_response_length} tokens, {s.ppo_epochs} epochs)"
     rows = [Row(bench, f"{phase} s/update", med(ours, f"{phase}_seconds"), med(theirs, f"{phase}_seconds"),

@@ -9,7 +9,7 @@ import torch
 from instrugo import models
 from instrugo.data import load_split
 from instrugo.generation import SamplingConfig, encode_prompts, pad_batch, sample_responses
-from instrugo.ppo import policy_logprobs, response_tensors, sequence_inputs
+from instrugo.ppo import policy_logprobs, response_tensors, sampler_logprobs, sequence_inputs
 
 ROWS, NEW_TOKENS = 8, 32
 
@@ -21,7 +21,8 @@ query, query_mask = pad_batch(encode_prompts(tokenizer, prompts), tokenizer.pad_
 for precision in ("fp32", "bf16") if models.onednn_has_bf16() else ("fp32",):
     samples = [s[0] for s in sample_responses(model, tokenizer, prompts, config=SamplingConfig(NEW_TOKENS, 1.0, 1.0, ROWS),
                                               precision=precision, seed=0)]
-    response, mask, sampled = response_tensors(samples, tokenizer.pad_token_id)
+    response, mask = response_tensors(samples, tokenizer.pad_token_id)
+    sampled = sampler_logprobs(samples, response.shape[1])
     with torch.no_grad(), models.autocast(precision):
         recomputed = policy_logprobs(model, sequence_inputs(query, query_mask, response, mask), response, 1.0)
     gap = (sampled - recomputed).abs()[mask > 0]

@@ -116,8 +116,9 @@ def test_drawn_tokens_come_with_their_full_softmax_logprobs_at_the_temperature()
     assert abs((drawn == 1).float().mean().item() - 0.09 / 0.13) < 0.03   # 0.3² : 0.2² at T = 0.5
     expected = torch.log_softmax(logits[0] / 0.5, -1)                       # 0.25, 0.09, 0.04 over 0.38
     torch.testing.assert_close(logprobs, expected[drawn])
-    nucleus, _ = next_tokens(logits, 1.0, 0.55, torch.Generator().manual_seed(0), banned=0)
+    nucleus, nucleus_logprobs = next_tokens(logits, 1.0, 0.55, torch.Generator().manual_seed(0), banned=0)
     assert set(nucleus.tolist()) == {1}          # of what can be drawn, token 1 holds 0.6 >= 0.55
+    torch.testing.assert_close(nucleus_logprobs, torch.log(torch.tensor(0.3)).expand(4000))  # before the cut
     greedy, none = next_tokens(logits[:1], 0.0, 1.0, torch.Generator(), banned=0)
     assert greedy.tolist() == [1] and none is None
 

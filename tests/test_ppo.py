@@ -40,7 +40,7 @@ def test_sampler_logprobs_equal_the_policy_pass_over_the_rollout(tiny_model_dir,
     """What PPO reuses in fp32: the log-probs the sampler computed while drawing (KV cache, packed weights,
     rows leaving the batch at EOS) equal a forward pass over the padded rollout, as the training pass reads it."""
     from instrugo.generation import SamplingConfig, encode_prompts, sample_responses
-    from instrugo.ppo import response_tensors
+    from instrugo.ppo import response_tensors, sampler_logprobs
 
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     eos = tiny_tokenizer.eos_token_id
@@ -54,7 +54,8 @@ def test_sampler_logprobs_equal_the_policy_pass_over_the_rollout(tiny_model_dir,
                                               precision="fp32", seed=3)]
     lengths = {len(s.token_ids) for s in samples}
     assert len(lengths) > 1 and any(s.has_eos for s in samples)
-    response, response_mask, sampled = response_tensors(samples, tiny_tokenizer.pad_token_id)
+    response, response_mask = response_tensors(samples, tiny_tokenizer.pad_token_id)
+    sampled = sampler_logprobs(samples, response.shape[1])
     query, query_mask = pad_batch(encode_prompts(tiny_tokenizer, prompts), tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         recomputed = policy_logprobs(model, sequence_inputs(query, query_mask, response, response_mask), response,
@@ -288,7 +289,6 @@ def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_pat
         batches = real_sampler(model, tokenizer, prompts, **kwargs)
         for (sample,), length in zip(batches, lengths):
             sample.token_ids = sample.token_ids[:length - 1] + [tokenizer.eos_token_id]
-            sample.logprobs = sample.logprobs[:length]  # one per token; unused: the run below recomputes them
             sample.text, sample.has_eos = tokenizer.decode(sample.token_ids, skip_special_tokens=True), True
         return batches
 
@@ -307,18 +307,31 @@ def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_pat
         assert row["value_grad_norm"] == pytest.approx(logged[0]["value_grad_norm"], rel=1e-4)
 
 
-def test_reusing_the_samplers_logprobs_gives_the_update_of_recomputing_them(tmp_path):
+def test_reusing_the_samplers_logprobs_gives_the_update_of_recomputing_them(tmp_path, monkeypatch):
     """`rollout_logprobs`: in fp32 an iteration with the sampler's log-probs logs the losses, KL and gradient
     norms of one that recomputes them with a policy pass (two iterations, the second from updated weights)."""
     from instrugo import runio
     from instrugo.ppo import run_ppo
 
+    import instrugo.ppo
+
+    real_policy_logprobs = instrugo.ppo.policy_logprobs
+    passes = []  # one entry per log-prob pass (policy or reference, scoring or training)
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return real_policy_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(instrugo.ppo, "policy_logprobs", counted)
     rm = tiny_reward_model(tmp_path)
-    logged = {}
+    logged, pass_counts = {}, {}
     for source in ("sampler", "recompute"):
+        passes.clear()
         out = run_ppo(tiny_ppo_config(tmp_path, rm, out=str(tmp_path / source), total_episodes=16, ema_decay=0.0,
                                       rollout_logprobs=source))
-        logged[source] = runio.read_metrics(out / "metrics.jsonl")
+        logged[source], pass_counts[source] = runio.read_metrics(out / "metrics.jsonl"), len(passes)
+    # Two iterations x two scoring micro-batches: four policy passes fewer with the sampler's log-probs.
+    assert pass_counts["recompute"] - pass_counts["sampler"] == 4
     for reused, recomputed in zip(logged["sampler"], logged["recompute"], strict=True):
         assert reused["response_length"] == recomputed["response_length"]
         for key in ("kl", "policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm"):

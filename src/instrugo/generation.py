@@ -30,7 +30,7 @@ class Sample:
     text: str                   # decoded response, EOS and padding removed
     token_ids: list[int]        # response tokens as generated, up to and including the first EOS
     has_eos: bool
-    logprobs: list[float] | None = None  # log π of each token at the sampling temperature (None when greedy)
+    logprobs: list[float] | None = None  # log softmax(logits / T) of each token, whole vocabulary (None when greedy)
 
 
 class Continuation(NamedTuple):

@@ -5,7 +5,7 @@ Each iteration (REFERENCE §3–§4):
 2. score: the reward model reads the prompt and response as *text* (its own tokenizer); a response with
    no EOS gets a fixed low score; the frozen SFT reference and the value network read the policy's
    tokens in one forward pass each; the policy's own log-probs are the sampler's (in fp32; under bf16 the
-   policy reads the tokens again, see `rollout_logprobs`);
+   policy reads the tokens again: `rollout_logprobs`);
 3. rewards: per token −β·(log π − log π_ref), plus the RM score at the last response token; β fixed
    (InstructGPT: 0.02) or adaptive towards a target KL;
 4. advantages: GAE with γ = 1 and λ, whitened over the batch (masked; under a multi-process launch, over
@@ -107,8 +107,9 @@ class PPOConfig:
     rollout_logprobs: str = option("auto", "Where log π_old of the rollout comes from: 'sampler' keeps what the sampler "
                                            "computed while drawing (one policy forward pass fewer per iteration), "
                                            "'recompute' runs the policy over the rollout again; auto: the sampler in "
-                                           "fp32, where the two agree to ~1e-4, recompute under bf16, where the "
-                                           "sampler's packed bf16 kernels round differently from the training pass.")
+                                           "fp32, where the two agree to ~1e-4; recompute under bf16, where the "
+                                           "sampler's pass (bf16 KV cache, fused attention) rounds differently from "
+                                           "the training pass's, so the KL starts at exactly 0.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
     compile: bool = option(False, training.COMPILE_HELP)
     save_every: int = option(5, "Checkpoint every N iterations (a kill loses the iterations since the last one). The default model's "
@@ -251,14 +252,21 @@ class EMA:
         self.decay, self.shadow = state["decay"], state["shadow"]
 
 
-def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampled responses as right-padded token ids [B, R], a float mask of their tokens (EOS included) and
-    the sampler's log-probs of them (0 on padding)."""
+def response_tensors(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses as right-padded token ids [B, R] and a float mask of their tokens (EOS included)."""
     response, mask = pad_batch([s.token_ids for s in samples], pad_id, "right")
-    logprobs = torch.zeros(mask.shape)
+    return response, mask.float()
+
+
+def sampler_logprobs(samples, width: int) -> torch.Tensor:
+    """The sampler's log-probs of the responses' tokens, right-padded with 0 to [B, width]."""
+    logprobs = torch.zeros(len(samples), width)
     for row, sample in enumerate(samples):
-        logprobs[row, :len(sample.token_ids)] = torch.tensor(sample.logprobs)
-    return response, mask.float(), logprobs
+        if sample.logprobs is None or len(sample.logprobs) != len(sample.token_ids):
+            raise ValueError(f"sample {row} has {'no' if sample.logprobs is None else len(sample.logprobs)} log-probs "
+                             f"for {len(sample.token_ids)} tokens; use rollout_logprobs='recompute'")
+        logprobs[row, :len(sample.logprobs)] = torch.tensor(sample.logprobs)
+    return logprobs
 
 
 def ptx_batches(texts: list[str], tokenizer, size: int, max_length: int, seed: int):
@@ -404,10 +412,9 @@ def run_ppo(config: PPOConfig) -> Path:
         if judge_rollouts:
             verdicts = [gold_judge(r, s.text) for r, s in zip(batch_records, samples)]
         query, query_mask = pad_batch([prompt_ids[i] for i in batch_indices], tokenizer.pad_token_id)
-        response, response_mask, sampled_logprobs = response_tensors(samples, tokenizer.pad_token_id)
+        response, response_mask = response_tensors(samples, tokenizer.pad_token_id)
         device = accelerator.device
-        query, query_mask, response, response_mask, sampled_logprobs = (
-            t.to(device) for t in (query, query_mask, response, response_mask, sampled_logprobs))
+        query, query_mask, response, response_mask = (t.to(device) for t in (query, query_mask, response, response_mask))
         with torch.no_grad(), accelerator.autocast():
             if config.reward == "gold":
                 raw_scores = torch.tensor([v.score for v in verdicts], device=device)
@@ -420,7 +427,8 @@ def run_ppo(config: PPOConfig) -> Path:
             scores = losses.no_eos_penalty(raw_scores, has_eos, config.no_eos_score)
             rollout = Rollout(query, query_mask, response, response_mask, scores)
             rollout.ref_logprobs, rollout.values = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
-            rollout.logprobs = sampled_logprobs if reuse_logprobs else torch.zeros_like(response_mask)
+            rollout.logprobs = (sampler_logprobs(samples, response.shape[1]).to(device) if reuse_logprobs
+                                else torch.zeros_like(response_mask))
             # Micro-batches of similar response lengths, each cut to its own width (`select`).
             episodes = by_response_length(rollout, torch.arange(per_process, device=device))
             for micro_index in episodes.split(config.micro_batch_size):
