@@ -16,6 +16,7 @@ epochs run `train_repeats` times, once in both modes, as they take minutes each)
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instrugo.__main__ import tcmalloc_environment
 from measure import (Row, ceiling_fraction, markdown_table, median, ppo_phase_flops, train_flops,
                      write_json_atomic)
 
@@ -51,6 +53,7 @@ class Settings:
     ppo_prompts: int = 128            # PPO's prompts, and generation's: one per row of a `sample_batch`
     ppo_lora_rank: int = 8            # also measure instrugo's PPO with LoRA adapters (0 = skip)
     compile_variant: bool = True      # also measure instrugo's PPO and SFT with --compile (cold inductor cache)
+    command_malloc_variant: bool = True  # also measure instrugo's PPO under tcmalloc, where the system has it
     sft_examples: int = 256
     sft_batch: int = 16
     sft_micro_batch: int = 8
@@ -92,8 +95,9 @@ class JobResult:
     error: str = ""              # the end of its log when it failed
 
 
-def run_job(python: Path, script: str, job: dict, workdir: Path, name: str) -> JobResult:
-    """Run one job in a fresh process; peak_rss.py records that process's own peak RSS (VmHWM)."""
+def run_job(python: Path, script: str, job: dict, workdir: Path, name: str, env: dict[str, str] | None = None) -> JobResult:
+    """Run one job in a fresh process (in `env`, default this one's); peak_rss.py records that process's own
+    peak RSS (VmHWM)."""
     job_file, result_file, log_file, rss_file = (workdir / f"{name}.{suffix}"
                                                  for suffix in ("job.json", "result.json", "log", "rss"))
     write_json_atomic(job_file, job)
@@ -101,7 +105,7 @@ def run_job(python: Path, script: str, job: dict, workdir: Path, name: str) -> J
     with open(log_file, "w") as log:
         process = subprocess.Popen([str(python), str(BENCH / "peak_rss.py"), str(rss_file), str(BENCH / script),
                                     str(job_file), str(result_file)],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=BENCH.parent)
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=BENCH.parent, env=env)
         process.wait()
     peak = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")
     if process.returncode != 0 or not result_file.exists():
@@ -135,7 +139,8 @@ class Harness:
         self.raw: dict[str, list[dict]] = {}
         self.errors: list[str] = []
 
-    def measure(self, side: str, name: str, job: dict, repeats: int | None = None) -> list[dict]:
+    def measure(self, side: str, name: str, job: dict, repeats: int | None = None,
+                env: dict[str, str] | None = None) -> list[dict]:
         """Run a job `repeats` times on one side ('instrugo' or 'trl'); each run gets a fresh out dir."""
         if side == "trl" and self.trl_python is None:
             return []
@@ -144,7 +149,7 @@ class Harness:
         for repeat in range(repeats or self.settings.repeats):
             label = f"{side}-{name}-{repeat}"
             print(f"bench: {label}", flush=True)
-            outcome = run_job(python, script, {**job, "out": str(self.workdir / label)}, self.workdir, label)
+            outcome = run_job(python, script, {**job, "out": str(self.workdir / label)}, self.workdir, label, env)
             if outcome.result is None:
                 self.errors.append(outcome.error)
                 print(outcome.error, file=sys.stderr, flush=True)
@@ -196,6 +201,13 @@ def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
         lora_bench = f"PPO {model} as above, instrugo with LoRA r={s.ppo_lora_rank} ('TRL' column: TRL full)"
         rows += [Row(lora_bench, "update s/update", med(lora, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
                  Row(lora_bench, "peak RSS", med(lora, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+    if s.command_malloc_variant and (command_malloc := tcmalloc_environment(dict(os.environ), ctypes.util.find_library)):
+        # Both sides above run under glibc's malloc, so that they differ in the library only; the `instrugo`
+        # command restarts itself with tcmalloc (instrugo.__main__), which changes its time and memory.
+        malloc = h.measure("instrugo", f"ppo-tcmalloc-{model}", {**job, "prompts": inputs["ppo"]}, env=command_malloc)
+        malloc_bench = f"PPO {model} as above, instrugo with tcmalloc, as the `instrugo` command runs"
+        rows += [Row(malloc_bench, "update s/update", med(malloc, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
+                 Row(malloc_bench, "peak RSS", med(malloc, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
     if s.compile_variant:
         # The same settings with the decoder layers compiled for the training passes. The compilation falls in
         # the warm-up update, which no mean counts; its row compares that update with the uncompiled one.
