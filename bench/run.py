@@ -174,6 +174,12 @@ def med(runs: list[dict], key: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------- benchmarks
 
+def update_and_rss_rows(bench: str, ours: list[dict], theirs: list[dict]) -> list[Row]:
+    """A variant of instrugo's PPO job (another setting or malloc) against TRL's main run: update time, peak RSS."""
+    return [Row(bench, "update s/update", med(ours, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
+            Row(bench, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+
+
 def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: float) -> list[Row]:
     from instrugo.ppo import PPOConfig, reuses_sampler_logprobs
 
@@ -198,16 +204,14 @@ def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
         # instrugo's memory option: LoRA, the frozen models shared with the trained ones. Not the same
         # settings as the TRL column (full fine-tuning), so no goal is checked against it.
         lora = h.measure("instrugo", f"ppo-lora-{model}", {**job, "prompts": inputs["ppo"], "lora_rank": s.ppo_lora_rank})
-        lora_bench = f"PPO {model} as above, instrugo with LoRA r={s.ppo_lora_rank} ('TRL' column: TRL full)"
-        rows += [Row(lora_bench, "update s/update", med(lora, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
-                 Row(lora_bench, "peak RSS", med(lora, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+        rows += update_and_rss_rows(f"PPO {model} as above, instrugo with LoRA r={s.ppo_lora_rank} ('TRL' column: "
+                                    "TRL full)", lora, theirs)
     if s.command_malloc_variant and (command_malloc := tcmalloc_environment(dict(os.environ), ctypes.util.find_library)):
         # Both sides above run under glibc's malloc, so that they differ in the library only; the `instrugo`
         # command restarts itself with tcmalloc (instrugo.__main__), which changes its time and memory.
         malloc = h.measure("instrugo", f"ppo-tcmalloc-{model}", {**job, "prompts": inputs["ppo"]}, env=command_malloc)
-        malloc_bench = f"PPO {model} as above, instrugo with tcmalloc, as the `instrugo` command runs"
-        rows += [Row(malloc_bench, "update s/update", med(malloc, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
-                 Row(malloc_bench, "peak RSS", med(malloc, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+        rows += update_and_rss_rows(f"PPO {model} as above, instrugo with tcmalloc, as the `instrugo` command runs",
+                                    malloc, theirs)
     if s.compile_variant:
         # The same settings with the decoder layers compiled for the training passes. The compilation falls in
         # the warm-up update, which no mean counts; its row compares that update with the uncompiled one.

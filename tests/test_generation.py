@@ -90,11 +90,14 @@ def test_copies_of_a_prompt_split_across_batches_each_continue_it(tiny_tokenizer
     assert len(set(map(tuple, alone))) == 3
 
 
-def test_decode_never_samples_the_pad_token():
+def test_decode_never_samples_the_pad_token_but_keeps_it_in_the_logprobs():
+    """The model puts almost all its mass on PAD (logit 100, the next token 50): the draw skips PAD, and the
+    log-prob of what was drawn is the full softmax's, ~ -50, as a forward pass over the response gives it."""
     model = CountingModel()
     ids, mask = pad_batch([[30]], PAD)
-    [(tokens, _, _)] = decode(model, ids, mask, 4, 1.0, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
+    [(tokens, _, logprobs)] = decode(model, ids, mask, 4, 1.0, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
     assert PAD not in tokens
+    assert logprobs == pytest.approx([-50.0] * len(tokens), abs=1e-3)
 
 
 def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():

@@ -144,14 +144,14 @@ def test_value_warmup_iterations_train_only_the_value_network(tmp_path):
     from instrugo.ppo import run_ppo
 
     rm = tiny_reward_model(tmp_path)
-    out = run_ppo(tiny_ppo_config(tmp_path, rm, value_warmup_iterations=2, ptx_coef=0.0, ema_decay=0.0))
+    out = run_ppo(tiny_ppo_config(tmp_path, rm, value_warmup_iterations=2, ptx_coef=0.0, ema_decay=0.0,
+                                  rollout_logprobs="recompute"))  # both log-probs from the same kernel: KL exactly 0
     rows = runio.read_metrics(out / "metrics.jsonl")  # 3 iterations: 2 value-only, then PPO
     assert ["policy_loss" in r for r in rows] == [False, False, True]
     assert all(r["value_loss"] > 0 for r in rows)
     assert [r["value_clipfrac"] for r in rows[:2]] == [0.0, 0.0]  # the warm-up's value loss is unclipped
-    # Iteration 3's rollouts come from the policy as it left the warm-up: still the reference (its log-probs
-    # are the sampler's, within ~1e-6 of the reference's forward pass).
-    assert rows[2]["kl"] == pytest.approx(0.0, abs=1e-5)
+    # Iteration 3's rollouts come from the policy as it left the warm-up: still exactly the reference.
+    assert rows[2]["kl"] == 0.0
     start_value, value = load_file(rm / "model.safetensors"), load_file(out / "value" / "model.safetensors")
     assert any(not torch.equal(start_value[name], value[name]) for name in start_value)
 
@@ -307,13 +307,28 @@ def test_an_updates_gradient_does_not_depend_on_how_its_minibatch_is_cut(tmp_pat
         assert row["value_grad_norm"] == pytest.approx(logged[0]["value_grad_norm"], rel=1e-4)
 
 
+def test_auto_reuses_the_samplers_logprobs_in_fp32_only():
+    from instrugo.ppo import PPOConfig, reuses_sampler_logprobs
+
+    assert PPOConfig().rollout_logprobs == "auto"
+    assert reuses_sampler_logprobs("auto", "fp32") and not reuses_sampler_logprobs("auto", "bf16")
+    assert reuses_sampler_logprobs("sampler", "bf16") and not reuses_sampler_logprobs("recompute", "fp32")
+
+
+def assert_same_iterations(first: list[dict], second: list[dict], keys: tuple[str, ...], abs: float) -> None:
+    """Two runs' metrics.jsonl rows: the same rollouts (response lengths) and, to 1e-3, the same `keys`."""
+    for one, other in zip(first, second, strict=True):
+        assert one["response_length"] == other["response_length"]
+        for key in keys:
+            assert one[key] == pytest.approx(other[key], rel=1e-3, abs=abs), key
+
+
 def test_reusing_the_samplers_logprobs_gives_the_update_of_recomputing_them(tmp_path, monkeypatch):
     """`rollout_logprobs`: in fp32 an iteration with the sampler's log-probs logs the losses, KL and gradient
     norms of one that recomputes them with a policy pass (two iterations, the second from updated weights)."""
+    import instrugo.ppo
     from instrugo import runio
     from instrugo.ppo import run_ppo
-
-    import instrugo.ppo
 
     real_policy_logprobs = instrugo.ppo.policy_logprobs
     passes = []  # one entry per log-prob pass (policy or reference, scoring or training)
@@ -332,10 +347,8 @@ def test_reusing_the_samplers_logprobs_gives_the_update_of_recomputing_them(tmp_
         logged[source], pass_counts[source] = runio.read_metrics(out / "metrics.jsonl"), len(passes)
     # Two iterations x two scoring micro-batches: four policy passes fewer with the sampler's log-probs.
     assert pass_counts["recompute"] - pass_counts["sampler"] == 4
-    for reused, recomputed in zip(logged["sampler"], logged["recompute"], strict=True):
-        assert reused["response_length"] == recomputed["response_length"]
-        for key in ("kl", "policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm"):
-            assert reused[key] == pytest.approx(recomputed[key], rel=1e-3, abs=1e-5), key
+    assert_same_iterations(logged["sampler"], logged["recompute"],
+                           ("kl", "policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm"), abs=1e-5)
 
 
 def test_compiled_layers_give_the_same_ppo_ptx_update(tmp_path, compiling):
@@ -356,7 +369,5 @@ def test_compiled_layers_give_the_same_ppo_ptx_update(tmp_path, compiling):
         logged.append(runio.read_metrics(out / "metrics.jsonl"))
     assert counters["frames"]["ok"] > frames_before
     assert {name for name, patched in compiling if all(patched) and len(patched) == 2} == {"LlamaForCausalLM", "TokenValueModel"}
-    for eager, compiled in zip(*logged, strict=True):
-        assert compiled["response_length"] == eager["response_length"]
-        for key in ("policy_loss", "value_loss", "ptx_loss", "policy_grad_norm", "value_grad_norm"):
-            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-6), key
+    assert_same_iterations(*logged, ("policy_loss", "value_loss", "ptx_loss", "policy_grad_norm", "value_grad_norm"),
+                           abs=1e-6)

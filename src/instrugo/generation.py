@@ -249,18 +249,18 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     rows = torch.arange(batch)                       # original row of each row still in the batch
     finished = torch.zeros(batch, dtype=torch.bool)  # emitted EOS, waiting to be dropped
     next_position = positions[:, -1] + 1
+    greedy = temperature <= 0
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    logprobs: list[list[float]] | None = None if temperature <= 0 else [[] for _ in range(batch)]
+    logprobs: list[list[float | None]] = [[] for _ in range(batch)]
     has_eos = [False] * batch
     for step in range(max_new_tokens):
         token, token_logprob = next_tokens(logits, temperature, top_p, generator, banned=pad_id)
-        row_logprobs = token_logprob.tolist() if logprobs is not None else [None] * len(rows)
+        row_logprobs = [None] * len(rows) if greedy else token_logprob.tolist()
         for row, value, logprob, done in zip(rows.tolist(), token.tolist(), row_logprobs, finished.tolist()):
             if not done:
                 tokens[row].append(value)
+                logprobs[row].append(logprob)
                 has_eos[row] = value == eos_id
-                if logprobs is not None:
-                    logprobs[row].append(logprob)
         finished |= token.cpu() == eos_id
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
@@ -274,8 +274,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    return [Continuation(t, e, logprobs[row] if logprobs is not None else None)
-            for row, (t, e) in enumerate(zip(tokens, has_eos))]
+    return [Continuation(t, e, None if greedy else lp) for t, e, lp in zip(tokens, has_eos, logprobs)]
 
 
 @torch.no_grad()
