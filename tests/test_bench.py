@@ -108,3 +108,20 @@ def test_run_job_reports_the_childs_own_peak_rss_and_failures(tmp_path):
     assert small.result == {"ok": 2**20} and big.result == {"ok": 200 * 2**20}
     assert big.peak_rss_mib - small.peak_rss_mib > 150  # per child, not the maximum over all children
     assert failed.result is None and "boom" in failed.error and "exited with 1" in failed.error
+
+
+@pytest.mark.parametrize("has_bf16_kernels", [True, False])
+def test_matmul_ceiling_reads_emulated_bf16_at_a_small_size(monkeypatch, has_bf16_kernels):
+    """Without oneDNN bf16 kernels a bf16 product at full size takes minutes: its rate is read at 256."""
+    import torch
+
+    import instrugo_jobs
+
+    measured = []
+    monkeypatch.setattr(instrugo_jobs.models, "onednn_has_bf16", lambda: has_bf16_kernels)
+    monkeypatch.setattr(instrugo_jobs, "matmul_gflops",
+                        lambda dtype, size, seconds: measured.append((dtype, size)) or float(size))
+    result = instrugo_jobs.job_matmul({"size": 2048, "seconds": 1.0})
+    bf16_size = 2048 if has_bf16_kernels else 256
+    assert measured == [(torch.bfloat16, bf16_size), (torch.float32, 2048)]
+    assert result["bf16_size"] == bf16_size and result["bf16_gflops"] == bf16_size and result["fp32_gflops"] == 2048

@@ -331,14 +331,25 @@ def test_packed_linears_give_the_same_logits_and_restore_the_layers(tiny_tokeniz
     torch.testing.assert_close(packed.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("packed_before_failing", [0, 5])
 def test_packed_linears_fall_back_to_plain_layers_where_onednn_cannot_pack(tiny_tokenizer, tiny_model_dir,
-                                                                            monkeypatch):
+                                                                            monkeypatch, packed_before_failing):
+    """Packing fails at the first layer, or after five layers were packed and patched: either way every
+    layer runs its plain forward inside the block."""
     from instrugo.models import packed_linears
 
-    def cannot_pack(weight, rows):
-        raise RuntimeError("no such kernel on this CPU")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("packed_linears is a no-op without oneDNN")
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    calls = []
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", cannot_pack)
+    def packs_then_fails(weight, rows):
+        calls.append(weight.shape)
+        if len(calls) > packed_before_failing:
+            raise RuntimeError("no such kernel on this CPU")
+        return pack(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", packs_then_fails)
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
     ids = torch.randint(100, 1000, (3, 9))
     with torch.no_grad():
@@ -346,6 +357,7 @@ def test_packed_linears_fall_back_to_plain_layers_where_onednn_cannot_pack(tiny_
         with packed_linears(model, "fp32"):
             assert not any("forward" in vars(m) for m in model.modules())
             torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+    assert len(calls) == packed_before_failing + 1
 
 
 def test_inference_attention_gives_eager_attentions_logits_and_restores_the_model(tiny_tokenizer, tiny_model_dir):

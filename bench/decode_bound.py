@@ -1,0 +1,78 @@
+"""What bounds sampling at the PPO rollout's batch: the prompt pass, and a decode step against the time its
+weights take to stream from memory. instrugo's sampler (`generation.decode`, packed weights, inside
+`sample_responses`' set-up) and plain `model.generate` on the first 8 `ppo` prompts of the default policy,
+in the precision instrugo picks here, each run for exactly 1 and exactly 32 new tokens (EOS never ends a
+row: instrugo's decode is told an EOS id no token has, generate gets `min_new_tokens`), alternating, best of
+ROUNDS. The prompt pass is the 1-token time; a decode step is (t32 - t1) / 31. The floor of a step is the
+model's weights (every linear layer's, read once per step) over this machine's read bandwidth, measured
+here by summing a 1 GiB tensor. Prints both sides and the ratio a step at the floor would give.
+Usage: .venv/bin/python bench/decode_bound.py [ROUNDS]   (default 3)"""
+import sys
+import time
+
+import torch
+
+from instrugo import models
+from instrugo.data import load_split
+from instrugo.generation import encode_prompts, pad_batch
+from instrugo.generation import decode as instrugo_decode
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+ROWS, NEW_TOKENS = 8, 32
+
+precision = models.setup_compute("auto")
+tokenizer = models.load_tokenizer("default")
+model = models.load_causal_lm("default", tokenizer).eval()
+ids, mask = pad_batch(encode_prompts(tokenizer, [r["messages"] for r in load_split("ppo")[:ROWS]]), tokenizer.pad_token_id)
+
+
+def instrugo(new_tokens: int) -> None:
+    with (torch.no_grad(), models.autocast(precision), models.inference_attention(model),
+          models.packed_linears(model, precision)):
+        generator = torch.Generator().manual_seed(0)
+        rows = instrugo_decode(model, ids, mask, new_tokens, 1.0, 1.0, eos_id=-1, pad_id=tokenizer.pad_token_id,
+                               generator=generator)
+    assert all(len(row.tokens) == new_tokens for row in rows)
+
+
+def plain(new_tokens: int) -> None:
+    with torch.no_grad(), models.autocast(precision):
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=True, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] == ids.shape[1] + new_tokens
+
+
+def read_bandwidth() -> float:
+    """GB/s of summing a 1 GiB fp32 tensor (all threads), best of 5."""
+    block = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        block.sum()
+        best = min(best, time.perf_counter() - start)
+    return block.numel() * 4 / best / 1e9
+
+
+times = {(side, n): [] for side in ("instrugo", "plain") for n in (1, NEW_TOKENS)}
+for round_index in range(ROUNDS + 1):  # round 0 warms up
+    for side, run in (("instrugo", instrugo), ("plain", plain))[::1 if round_index % 2 else -1]:
+        for n in (1, NEW_TOKENS):
+            start = time.perf_counter()
+            run(n)
+            if round_index:
+                times[side, n].append(time.perf_counter() - start)
+best = {key: min(values) for key, values in times.items()}
+bandwidth = read_bandwidth()
+bytes_per_step = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                     if isinstance(m, torch.nn.Linear)) * (0.5 if precision == "bf16" else 1)
+floor = bytes_per_step / bandwidth / 1e9
+print(f"precision {precision}; prompts {ROWS} rows x {ids.shape[1]} columns (left-padded); best of {ROUNDS}")
+for side in ("instrugo", "plain"):
+    step = (best[side, NEW_TOKENS] - best[side, 1]) / (NEW_TOKENS - 1)
+    print(f"{side:8s}: {NEW_TOKENS} tokens {best[side, NEW_TOKENS]:.2f} s = prompt pass + 1st token {best[side, 1]:.2f} s "
+          f"+ {NEW_TOKENS - 1} steps of {step * 1e3:.1f} ms")
+print(f"read bandwidth {bandwidth:.1f} GB/s; linear weights {bytes_per_step / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step")
+at_floor = best["instrugo", 1] + (NEW_TOKENS - 1) * floor
+print(f"ratio to plain generate: now {best['plain', NEW_TOKENS] / best['instrugo', NEW_TOKENS]:.2f}x; with every step at "
+      f"the floor {best['plain', NEW_TOKENS] / at_floor:.2f}x; with no decode steps at all "
+      f"{best['plain', NEW_TOKENS] / best['instrugo', 1]:.2f}x")
