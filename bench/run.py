@@ -53,7 +53,7 @@ class Settings:
     ppo_prompts: int = 128            # PPO's prompts, and generation's: one per row of a `sample_batch`
     ppo_lora_rank: int = 8            # also measure instrugo's PPO with LoRA adapters (0 = skip)
     compile_variant: bool = True      # also measure instrugo's PPO and SFT with --compile (cold inductor cache)
-    command_malloc_variant: bool = True  # also measure instrugo's PPO under tcmalloc, where the system has it
+    command_malloc_variant: bool = True  # also measure instrugo's PPO, RM and SFT under tcmalloc, where the system has it
     sft_examples: int = 256
     sft_batch: int = 16
     sft_micro_batch: int = 8
@@ -174,6 +174,18 @@ def med(runs: list[dict], key: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------- benchmarks
 
+def command_malloc_environment(settings: Settings) -> dict[str, str] | None:
+    """The environment the `instrugo` command runs a stage in, tcmalloc preloaded (instrugo.__main__), for the
+    rows "instrugo with tcmalloc, as the `instrugo` command runs"; None where those rows are off or the system
+    has no tcmalloc. Both sides' main rows run under glibc's malloc, so that they differ in the library only."""
+    if not settings.command_malloc_variant:
+        return None
+    return tcmalloc_environment(dict(os.environ), ctypes.util.find_library)
+
+
+COMMAND_MALLOC = "instrugo with tcmalloc, as the `instrugo` command runs"
+
+
 def update_and_rss_rows(bench: str, ours: list[dict], theirs: list[dict]) -> list[Row]:
     """A variant of instrugo's PPO job (another setting or malloc) against TRL's main run: update time, peak RSS."""
     return [Row(bench, "update s/update", med(ours, "update_seconds"), med(theirs, "update_seconds"), unit="s"),
@@ -206,12 +218,9 @@ def bench_ppo(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
         lora = h.measure("instrugo", f"ppo-lora-{model}", {**job, "prompts": inputs["ppo"], "lora_rank": s.ppo_lora_rank})
         rows += update_and_rss_rows(f"PPO {model} as above, instrugo with LoRA r={s.ppo_lora_rank} ('TRL' column: "
                                     "TRL full)", lora, theirs)
-    if s.command_malloc_variant and (command_malloc := tcmalloc_environment(dict(os.environ), ctypes.util.find_library)):
-        # Both sides above run under glibc's malloc, so that they differ in the library only; the `instrugo`
-        # command restarts itself with tcmalloc (instrugo.__main__), which changes its time and memory.
+    if command_malloc := command_malloc_environment(s):
         malloc = h.measure("instrugo", f"ppo-tcmalloc-{model}", {**job, "prompts": inputs["ppo"]}, env=command_malloc)
-        rows += update_and_rss_rows(f"PPO {model} as above, instrugo with tcmalloc, as the `instrugo` command runs",
-                                    malloc, theirs)
+        rows += update_and_rss_rows(f"PPO {model} as above, {COMMAND_MALLOC}", malloc, theirs)
     if s.compile_variant:
         # The same settings with the decoder layers compiled for the training passes. The compilation falls in
         # the warm-up update, which no mean counts; its row compares that update with the uncompiled one.
@@ -256,17 +265,23 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
         bench = f"RM {model} K={k} ({data['train_prompts']} prompts = {data['train_pairs']} pairs, 1 epoch)"
         goal = {4: "≤ 0.33", 9: "≤ 0.17"}.get(k, "")
         tried: dict[str, list[tuple[float, float, float, float]]] = {}  # side -> (held-out, test, epoch s, lr)
+
+        def common(lr: float) -> dict:
+            return {"kind": "rm", "model": inputs["model"], "pad_token": inputs["pad_token"], "lr": lr,
+                    "max_length": s.max_length, "precision": precision, "seed": s.seed}
+
+        def rm_job(lr: float) -> dict:
+            return {**common(lr), "tasks": data["tasks"], "prompts_per_batch": prompts_per_batch,
+                    "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction}
+
+        theirs_first: list[dict] = []
         for lr in s.rm_lrs:
             tag = f"-lr{lr:g}" if len(s.rm_lrs) > 1 else ""
-            common = {"model": inputs["model"], "pad_token": inputs["pad_token"], "lr": lr, "max_length": s.max_length,
-                      "precision": precision, "seed": s.seed}
-            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", {"kind": "rm", **common, "tasks": data["tasks"],
-                                                                  "prompts_per_batch": prompts_per_batch,
-                                                                  "micro_batch_prompts": micro,
-                                                                  "heldout_fraction": s.heldout_fraction}, s.train_repeats)
-            theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {"kind": "rm", **common, "pairs": data["pairs_trl"],
+            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", rm_job(lr), s.train_repeats)
+            theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common(lr), "pairs": data["pairs_trl"],
                                                                "pairs_per_batch": s.rm_sequences_per_forward // 2},
                                s.train_repeats)
+            theirs_first = theirs_first or theirs
             # Both models judged by instrugo's evaluator on the same tasks: the held-out prompts of the training
             # set (~10 prompts: one standard error ~6 points) and the larger test set of unseen prompts.
             for side, runs in (("instrugo", ours), ("trl", theirs)):
@@ -290,6 +305,14 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
                      Row(at, f"test accuracy ({data['test_prompts']} unseen prompts = {data['test_pairs']} pairs)",
                          med(ours, "test_accuracy"), med(theirs, "test_accuracy"), goal="≥ 1", unit="%"),
                      Row(at, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+        if command_malloc := command_malloc_environment(s):  # at the first learning rate; accuracy is the same
+            malloc = h.measure("instrugo", f"rm-k{k}-tcmalloc-{model}", rm_job(s.rm_lrs[0]), s.train_repeats,
+                               env=command_malloc)
+            at = f"{bench[:-1]}, lr {s.rm_lrs[0]:g})" if len(s.rm_lrs) > 1 else bench
+            rows += [Row(f"{at}, {COMMAND_MALLOC}", "epoch s", med(malloc, "train_seconds"), med(theirs_first, "train_seconds"),
+                         unit="s"),
+                     Row(f"{at}, {COMMAND_MALLOC}", "peak RSS", med(malloc, "peak_rss_mib"),
+                         med(theirs_first, "peak_rss_mib"), unit="MiB")]
         if len(s.rm_lrs) > 1 and len(tried) < 2:
             print(f"bench: RM K={k}: no best-learning-rate rows (a side has no complete run)", file=sys.stderr)
         elif len(s.rm_lrs) > 1:
@@ -312,17 +335,21 @@ def bench_sft(h: Harness, model: str, inputs: dict, precision: str, ceiling: flo
     ours = h.measure("instrugo", f"sft-{model}", {**job, "data": inputs["sft"]}, s.train_repeats)
     theirs = h.measure("trl", f"sft-{model}", {**job, "data": inputs["sft_trl"]}, s.train_repeats)
     flops = train_flops(inputs["flop_parameters"]["policy"], med(ours, "tokens") or 0)
-    bench = f"SFT {model} ({s.sft_examples} examples, batch {s.sft_batch})"
-    rows = [Row(bench, "tokens/s", med(ours, "tokens_per_second"), med(theirs, "tokens_per_second"), goal="≥ 1",
-                ceiling=ceiling_fraction(flops, med(ours, "train_seconds"), ceiling)),
-            Row(bench, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+
+    def rate_and_rss(bench: str, runs: list[dict], goal: str = "") -> list[Row]:
+        return [Row(bench, "tokens/s", med(runs, "tokens_per_second"), med(theirs, "tokens_per_second"), goal=goal,
+                    ceiling=ceiling_fraction(flops, med(runs, "train_seconds"), ceiling)),
+                Row(bench, "peak RSS", med(runs, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+
+    rows = rate_and_rss(f"SFT {model} ({s.sft_examples} examples, batch {s.sft_batch})", ours, goal="≥ 1")
+    if command_malloc := command_malloc_environment(s):
+        malloc = h.measure("instrugo", f"sft-tcmalloc-{model}", {**job, "data": inputs["sft"]}, s.train_repeats,
+                           env=command_malloc)
+        rows += rate_and_rss(f"SFT {model} as above, {COMMAND_MALLOC}", malloc)
     if s.compile_variant:  # tokens/s over the whole epoch, its cold compilation included
         compiled = eager_if_not_compiled(h.measure("instrugo", f"sft-compile-{model}",
                                                    {**job, "data": inputs["sft"], "compile": True}, s.train_repeats))
-        compiled_bench = f"SFT {model} as above, instrugo with --compile (cold compile included)"
-        rows += [Row(compiled_bench, "tokens/s", med(compiled, "tokens_per_second"), med(theirs, "tokens_per_second"),
-                     ceiling=ceiling_fraction(flops, med(compiled, "train_seconds"), ceiling)),
-                 Row(compiled_bench, "peak RSS", med(compiled, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
+        rows += rate_and_rss(f"SFT {model} as above, instrugo with --compile (cold compile included)", compiled)
     return rows
 
 

@@ -103,6 +103,25 @@ def test_response_lm_loss_is_mean_nll_of_response_tokens_only():
     assert abs(losses.response_lm_loss(changed, labels, loss_mask).item() - expected) > 1e-3
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 256])
+def test_chunked_response_nll_is_response_lm_loss_of_the_heads_logits_with_the_same_gradients(chunk_tokens):
+    """The LM head applied by the loss, in chunks recomputed in the backward pass: the loss of
+    `response_lm_loss` on the head's logits (hand-computed above), and the same gradients for the hidden
+    states and the head's weight and bias. Chunks of 1 and 2 split the 5 scored tokens unevenly."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 5, 3, requires_grad=True)
+    head = torch.nn.Linear(3, 4)
+    labels = torch.tensor([[3, 1, 2, 0, 1], [2, 2, 3, 1, 0]])
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    expected = losses.response_lm_loss(head(hidden), labels, loss_mask)
+    expected_grads = torch.autograd.grad(expected, (hidden, head.weight, head.bias))
+    chunked = losses.chunked_response_nll(hidden, head, labels, loss_mask, chunk_tokens=chunk_tokens)
+    close(chunked, expected.item())
+    for got, want in zip(torch.autograd.grad(chunked, (hidden, head.weight, head.bias)), expected_grads):
+        torch.testing.assert_close(got, want)
+    assert expected_grads[0][1, 2:].abs().sum() == 0  # positions predicting padding get no gradient
+
+
 def test_entropy_from_logits():
     logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, -5.0]]])  # first position: p = (1/4, 3/4)
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))

@@ -94,7 +94,7 @@ def test_resuming_with_other_settings_is_refused_naming_the_field(tmp_path, kill
 def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
     """SFT pads on the left and runs the LM head only over the responses' columns; the loss must be the
     one of the plain right-padded batch with logits everywhere."""
-    from instrugo import losses, models
+    from instrugo import losses, models, training
     from instrugo.sft import collate, response_logits_width
 
     model = models.load_causal_lm("tiny", tiny_tokenizer, max_tokens=64)
@@ -112,6 +112,35 @@ def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
     assert kept.shape[1] == width
     loss = losses.response_lm_loss(kept.float(), left["input_ids"][:, -width:], left["loss_mask"][:, -width:])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+    # What the stage runs: the model's final hidden states, the head applied by the loss in chunks; the same
+    # loss and the same gradients, and the model as it was afterwards.
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    head = model.get_output_embeddings()
+    with models.head_applied_by_loss(model) as applied:
+        hidden = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"],
+                       position_ids=left["position_ids"], logits_to_keep=width).logits
+        assert applied is head and hidden.shape == (3, width, model.config.hidden_size)
+    chunked = training.language_model_loss(model, model, left["input_ids"][:, -width:], left["loss_mask"][:, -width:],
+                                           input_ids=left["input_ids"], attention_mask=left["attention_mask"],
+                                           position_ids=left["position_ids"], logits_to_keep=width)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(chunked, list(model.parameters())), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert model.get_output_embeddings() is head
+    torch.testing.assert_close(model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits, logits)
+
+
+def test_a_head_the_loss_cannot_apply_leaves_the_model_as_it_is(tiny_tokenizer):
+    """Soft-capped logits (Gemma's final_logit_softcapping) are not the head's output: no swap, the caller
+    gets None and uses the logits."""
+    from instrugo import models
+
+    model = models.load_causal_lm("tiny", tiny_tokenizer, max_tokens=64)
+    head = model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0
+    with models.head_applied_by_loss(model) as applied:
+        assert applied is None and model.get_output_embeddings() is head
 
 
 def test_lora_sft_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, saved_dtypes):

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 WHITEN_EPS = 1e-8
 
@@ -101,6 +102,29 @@ def response_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torc
     mask = loss_mask[:, 1:]
     nll = -token_logprobs(logits[:, :-1], labels[:, 1:])
     return masked_mean(nll, mask)
+
+
+def chunked_response_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, loss_mask: torch.Tensor,
+                         chunk_tokens: int = 256) -> torch.Tensor:
+    """`response_lm_loss` from the final hidden states [B, T, H] and the LM head, for a 0/1 `loss_mask`:
+    the head runs on the scored positions only, `chunk_tokens` at a time, and each chunk's logits are
+    recomputed in the backward pass (activation checkpointing) instead of kept, so no [tokens, vocabulary]
+    tensor over the whole batch exists. With the default model's 49k-token vocabulary a micro-batch of 8
+    responses of 150 tokens would otherwise hold ~236 MB of fp32 logits, plus their gradient and the
+    log-softmax's own (TRL's SFTTrainer does the same by default: loss_type 'chunked_nll')."""
+    scored = loss_mask[:, 1:] > 0
+    states, targets = hidden[:, :-1][scored], labels[:, 1:][scored]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _nll_sum, states[start:start + chunk_tokens], head.weight, head.bias, targets[start:start + chunk_tokens],
+            use_reentrant=False)
+    return total / max(1, len(targets))
+
+
+def _nll_sum(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(states, weight, bias).float()
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -336,6 +336,27 @@ def packed_linears(model, precision: str):
             del module.forward
 
 
+@contextlib.contextmanager
+def head_applied_by_loss(model):
+    """Inside the block `model(...).logits` are the final hidden states (the output layer swapped for an
+    identity), and the block yields the output layer, for a loss that applies it to the positions it scores
+    (`losses.chunked_response_nll`). The forward still goes through `model`, so a distributed wrapper sees
+    it. Yields None and changes nothing where the output layer is not a plain linear layer (e.g. one a LoRA
+    adapter wraps) or the model transforms its logits after it (a logit scale, soft-capping): callers then
+    use the logits."""
+    head = model.get_output_embeddings()
+    config = model.config
+    if (type(head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None) is not None
+            or getattr(config, "logit_scale", 1.0) not in (None, 1.0)):
+        yield None
+        return
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
 @functools.cache
 def _compiled_forward(layer_class: type):
     """`layer_class.forward` compiled once for every layer of the class: the layers of a model run the same

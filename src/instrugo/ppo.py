@@ -497,13 +497,13 @@ def run_ppo(config: PPOConfig) -> Path:
                                                                                     config.temperature)))
                             if ptx_stream is not None:
                                 # PPO-ptx: the pretraining gradient accumulates into the same step (InstructGPT),
-                                # in chunks of micro_batch_size sequences to bound the logits' memory.
+                                # in chunks of micro_batch_size sequences to bound the activations' memory.
                                 ptx = {k: v.to(device) for k, v in next(ptx_stream).items()}
                                 for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
                                     part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
-                                    ptx_logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                                                        use_cache=False).logits
-                                    ptx_loss = losses.response_lm_loss(ptx_logits, part["input_ids"], part["loss_mask"])
+                                    ptx_loss = training.language_model_loss(
+                                        policy, unwrapped_policy, part["input_ids"], part["loss_mask"],
+                                        input_ids=part["input_ids"], attention_mask=part["attention_mask"])
                                     chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
                                     accelerator.backward(config.ptx_coef * ptx_loss * episode_share * chunk_share)
                                     stats["ptx_loss"].append(ptx_loss.item())

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from instrugo import losses, models, training
+from instrugo import models, training
 from instrugo.config import option, require, to_dict
 from instrugo.generation import chat_prompt, pad_batch, positions_skipping_padding
 from instrugo.runio import InputError, MetricsLog, is_complete, mark_complete
@@ -176,10 +176,10 @@ def run_sft(config: SFTConfig) -> Path:
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast(), models.compiled_layers(model, config.compile):
-                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                               position_ids=tensors["position_ids"], logits_to_keep=width, use_cache=False).logits
-                loss = losses.response_lm_loss(logits, tensors["input_ids"][:, -width:],
-                                               tensors["loss_mask"][:, -width:])
+                loss = training.language_model_loss(
+                    model, accelerator.unwrap_model(model), tensors["input_ids"][:, -width:], tensors["loss_mask"][:, -width:],
+                    input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                    position_ids=tensors["position_ids"], logits_to_keep=width)
                 share = weight * tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)
                 accelerator.backward(loss * share * world)  # processes' gradients are averaged, not summed
             step_loss += loss.item() * share
