@@ -281,7 +281,8 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
             theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common(lr), "pairs": data["pairs_trl"],
                                                                "pairs_per_batch": s.rm_sequences_per_forward // 2},
                                s.train_repeats)
-            theirs_first = theirs_first or theirs
+            if lr == s.rm_lrs[0]:
+                theirs_first = theirs
             # Both models judged by instrugo's evaluator on the same tasks: the held-out prompts of the training
             # set (~10 prompts: one standard error ~6 points) and the larger test set of unseen prompts.
             for side, runs in (("instrugo", ours), ("trl", theirs)):

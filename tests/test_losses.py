@@ -121,6 +121,11 @@ def test_chunked_response_nll_is_response_lm_loss_of_the_heads_logits_with_the_s
         torch.testing.assert_close(got, want)
     assert expected_grads[0][1, 2:].abs().sum() == 0  # positions predicting padding get no gradient
 
+    # Nothing scored: 0, and a backward pass that runs and changes nothing (as response_lm_loss's).
+    nothing = losses.chunked_response_nll(hidden, head, labels, torch.zeros_like(loss_mask), chunk_tokens=chunk_tokens)
+    grads = torch.autograd.grad(nothing, (hidden, head.weight))
+    assert nothing.item() == 0 and all(g.abs().sum() == 0 for g in grads)
+
 
 def test_entropy_from_logits():
     logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, -5.0]]])  # first position: p = (1/4, 3/4)

@@ -132,15 +132,21 @@ def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
 
 
 def test_a_head_the_loss_cannot_apply_leaves_the_model_as_it_is(tiny_tokenizer):
-    """Soft-capped logits (Gemma's final_logit_softcapping) are not the head's output: no swap, the caller
-    gets None and uses the logits."""
+    """Architectures that may change the logits after the output layer (Gemma soft-caps them), and heads that
+    are not plain linear layers: no swap, the caller gets None and uses the logits."""
     from instrugo import models
 
     model = models.load_causal_lm("tiny", tiny_tokenizer, max_tokens=64)
     head = model.get_output_embeddings()
-    model.config.final_logit_softcapping = 30.0
+    with models.head_applied_by_loss(model) as applied:
+        assert applied is head  # a Llama
+    model.config.model_type = "gemma2"
     with models.head_applied_by_loss(model) as applied:
         assert applied is None and model.get_output_embeddings() is head
+    model.config.model_type = "llama"
+    model.set_output_embeddings(torch.nn.Sequential(head))
+    with models.head_applied_by_loss(model) as applied:
+        assert applied is None and type(model.get_output_embeddings()) is torch.nn.Sequential
 
 
 def test_lora_sft_in_bf16_writes_a_merged_fp32_checkpoint(tmp_path, saved_dtypes):

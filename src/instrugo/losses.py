@@ -115,7 +115,9 @@ def chunked_response_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: to
     scored = loss_mask[:, 1:] > 0
     states, targets = hidden[:, :-1][scored], labels[:, 1:][scored]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), chunk_tokens):
+    # At least one chunk, empty if need be: a loss with no scored token still reaches the head's weight, so its
+    # backward pass runs (and a distributed one finds every gradient).
+    for start in range(0, max(1, len(targets)), chunk_tokens):
         total = total + torch.utils.checkpoint.checkpoint(
             _nll_sum, states[start:start + chunk_tokens], head.weight, head.bias, targets[start:start + chunk_tokens],
             use_reentrant=False)

@@ -336,18 +336,21 @@ def packed_linears(model, precision: str):
             del module.forward
 
 
+# Architectures whose causal-LM logits are exactly their output layer's output. Others may change them after
+# it (soft-capping, scaling, cutting a padded vocabulary: Gemma 2/3n, RecurrentGemma, Cohere, ...), which a
+# loss applying the layer itself would miss, so they keep the logits path.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "smollm3"})
+
+
 @contextlib.contextmanager
 def head_applied_by_loss(model):
     """Inside the block `model(...).logits` are the final hidden states (the output layer swapped for an
     identity), and the block yields the output layer, for a loss that applies it to the positions it scores
     (`losses.chunked_response_nll`). The forward still goes through `model`, so a distributed wrapper sees
-    it. Yields None and changes nothing where the output layer is not a plain linear layer (e.g. one a LoRA
-    adapter wraps) or the model transforms its logits after it (a logit scale, soft-capping): callers then
-    use the logits."""
+    it. Yields None and changes nothing unless the model is of an architecture in `PLAIN_HEAD_MODEL_TYPES`
+    with a plain linear output layer (not one a LoRA adapter wraps): callers then use the logits."""
     head = model.get_output_embeddings()
-    config = model.config
-    if (type(head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None) is not None
-            or getattr(config, "logit_scale", 1.0) not in (None, 1.0)):
+    if type(head) is not torch.nn.Linear or getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         yield None
         return
     model.set_output_embeddings(torch.nn.Identity())
