@@ -5,12 +5,15 @@ in the precision instrugo picks here, each run for exactly 1 and exactly 32 new 
 row: instrugo's decode is told an EOS id no token has, generate gets `min_new_tokens`), alternating, best of
 ROUNDS. The prompt pass is the 1-token time; a decode step is (t32 - t1) / 31. The floor of a step is the
 model's weights (every linear layer's, read once per step) over this machine's read bandwidth, measured
-here by summing a 1 GiB tensor. Prints both sides and the ratio a step at the floor would give.
+here by summing a 1 GiB tensor. Prints both sides, the ratio a step at the floor would give, and where
+instrugo's step goes: torch.profiler over a 32-token call minus a 1-token call, per step, split into the
+linear layers, attention, other ops and time outside ops (Python), under the profiler's overhead.
 Usage: .venv/bin/python bench/decode_bound.py [ROUNDS]   (default 3)"""
 import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from instrugo import models
 from instrugo.data import load_split
@@ -76,3 +79,24 @@ at_floor = best["instrugo", 1] + (NEW_TOKENS - 1) * floor
 print(f"ratio to plain generate: now {best['plain', NEW_TOKENS] / best['instrugo', NEW_TOKENS]:.2f}x; with every step at "
       f"the floor {best['plain', NEW_TOKENS] / at_floor:.2f}x; with no decode steps at all "
       f"{best['plain', NEW_TOKENS] / best['instrugo', 1]:.2f}x")
+
+
+def profiled(new_tokens: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one instrugo call under the profiler, and its ops' self CPU seconds by kind."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        instrugo(new_tokens)
+        wall = time.perf_counter() - start
+    kinds = {"linear layers": 0.0, "attention": 0.0, "other ops": 0.0}
+    for event in profiler.key_averages():
+        kind = ("linear layers" if "linear" in event.key or event.key in ("aten::mm", "aten::addmm") else
+                "attention" if "scaled_dot_product" in event.key else "other ops")
+        kinds[kind] += event.self_cpu_time_total / 1e6
+    return wall, kinds
+
+
+(wall_1, ops_1), (wall_n, ops_n) = profiled(1), profiled(NEW_TOKENS)
+per_step = {kind: (ops_n[kind] - ops_1[kind]) / (NEW_TOKENS - 1) for kind in ops_n}
+per_step["outside ops"] = ((wall_n - wall_1) - sum(ops_n.values()) + sum(ops_1.values())) / (NEW_TOKENS - 1)
+print("instrugo's decode step under the profiler: " + ", ".join(f"{kind} {ms * 1e3:.1f} ms" for kind, ms in per_step.items())
+      + f" (total {sum(per_step.values()) * 1e3:.1f} ms)")

@@ -265,24 +265,16 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
         bench = f"RM {model} K={k} ({data['train_prompts']} prompts = {data['train_pairs']} pairs, 1 epoch)"
         goal = {4: "≤ 0.33", 9: "≤ 0.17"}.get(k, "")
         tried: dict[str, list[tuple[float, float, float, float]]] = {}  # side -> (held-out, test, epoch s, lr)
-
-        def common(lr: float) -> dict:
-            return {"kind": "rm", "model": inputs["model"], "pad_token": inputs["pad_token"], "lr": lr,
-                    "max_length": s.max_length, "precision": precision, "seed": s.seed}
-
-        def rm_job(lr: float) -> dict:
-            return {**common(lr), "tasks": data["tasks"], "prompts_per_batch": prompts_per_batch,
-                    "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction}
-
-        theirs_first: list[dict] = []
         for lr in s.rm_lrs:
             tag = f"-lr{lr:g}" if len(s.rm_lrs) > 1 else ""
-            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", rm_job(lr), s.train_repeats)
-            theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common(lr), "pairs": data["pairs_trl"],
+            common = {"kind": "rm", "model": inputs["model"], "pad_token": inputs["pad_token"], "lr": lr,
+                      "max_length": s.max_length, "precision": precision, "seed": s.seed}
+            ours_job = {**common, "tasks": data["tasks"], "prompts_per_batch": prompts_per_batch,
+                        "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction}
+            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", ours_job, s.train_repeats)
+            theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common, "pairs": data["pairs_trl"],
                                                                "pairs_per_batch": s.rm_sequences_per_forward // 2},
                                s.train_repeats)
-            if lr == s.rm_lrs[0]:
-                theirs_first = theirs
             # Both models judged by instrugo's evaluator on the same tasks: the held-out prompts of the training
             # set (~10 prompts: one standard error ~6 points) and the larger test set of unseen prompts.
             for side, runs in (("instrugo", ours), ("trl", theirs)):
@@ -306,14 +298,13 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
                      Row(at, f"test accuracy ({data['test_prompts']} unseen prompts = {data['test_pairs']} pairs)",
                          med(ours, "test_accuracy"), med(theirs, "test_accuracy"), goal="≥ 1", unit="%"),
                      Row(at, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
-        if command_malloc := command_malloc_environment(s):  # at the first learning rate; accuracy is the same
-            malloc = h.measure("instrugo", f"rm-k{k}-tcmalloc-{model}", rm_job(s.rm_lrs[0]), s.train_repeats,
-                               env=command_malloc)
-            at = f"{bench[:-1]}, lr {s.rm_lrs[0]:g})" if len(s.rm_lrs) > 1 else bench
-            rows += [Row(f"{at}, {COMMAND_MALLOC}", "epoch s", med(malloc, "train_seconds"), med(theirs_first, "train_seconds"),
-                         unit="s"),
-                     Row(f"{at}, {COMMAND_MALLOC}", "peak RSS", med(malloc, "peak_rss_mib"),
-                         med(theirs_first, "peak_rss_mib"), unit="MiB")]
+            # At the first learning rate only: the allocator changes time and memory, not the model.
+            if lr == s.rm_lrs[0] and (command_malloc := command_malloc_environment(s)):
+                malloc = h.measure("instrugo", f"rm-k{k}-tcmalloc-{model}", ours_job, s.train_repeats, env=command_malloc)
+                rows += [Row(f"{at}, {COMMAND_MALLOC}", "epoch s", med(malloc, "train_seconds"),
+                             med(theirs, "train_seconds"), unit="s"),
+                         Row(f"{at}, {COMMAND_MALLOC}", "peak RSS", med(malloc, "peak_rss_mib"),
+                             med(theirs, "peak_rss_mib"), unit="MiB")]
         if len(s.rm_lrs) > 1 and len(tried) < 2:
             print(f"bench: RM K={k}: no best-learning-rate rows (a side has no complete run)", file=sys.stderr)
         elif len(s.rm_lrs) > 1:

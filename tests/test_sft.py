@@ -121,7 +121,7 @@ def test_left_padded_loss_on_kept_logits_equals_full_loss(tiny_tokenizer):
         hidden = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"],
                        position_ids=left["position_ids"], logits_to_keep=width).logits
         assert applied is head and hidden.shape == (3, width, model.config.hidden_size)
-    chunked = training.language_model_loss(model, model, left["input_ids"][:, -width:], left["loss_mask"][:, -width:],
+    chunked = training.language_model_loss(model, left["input_ids"][:, -width:], left["loss_mask"][:, -width:],
                                            input_ids=left["input_ids"], attention_mask=left["attention_mask"],
                                            position_ids=left["position_ids"], logits_to_keep=width)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)

@@ -346,18 +346,22 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"
 def head_applied_by_loss(model):
     """Inside the block `model(...).logits` are the final hidden states (the output layer swapped for an
     identity), and the block yields the output layer, for a loss that applies it to the positions it scores
-    (`losses.chunked_response_nll`). The forward still goes through `model`, so a distributed wrapper sees
-    it. Yields None and changes nothing unless the model is of an architecture in `PLAIN_HEAD_MODEL_TYPES`
-    with a plain linear output layer (not one a LoRA adapter wraps): callers then use the logits."""
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+    (`losses.chunked_response_nll`). `model` may be wrapped for distributed training: the swap is made in the
+    model inside, and the forward still goes through the wrapper. Yields None and changes nothing unless the
+    model is of an architecture in `PLAIN_HEAD_MODEL_TYPES` with a plain linear output layer (not one a LoRA
+    adapter wraps): callers then use the logits."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or getattr(inner.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         yield None
         return
-    model.set_output_embeddings(torch.nn.Identity())
+    inner.set_output_embeddings(torch.nn.Identity())
     try:
         yield head
     finally:
-        model.set_output_embeddings(head)
+        inner.set_output_embeddings(head)
 
 
 @functools.cache

@@ -502,7 +502,7 @@ def run_ppo(config: PPOConfig) -> Path:
                                 for chunk in range(0, len(ptx["input_ids"]), config.micro_batch_size):
                                     part = {k: v[chunk:chunk + config.micro_batch_size] for k, v in ptx.items()}
                                     ptx_loss = training.language_model_loss(
-                                        policy, unwrapped_policy, part["input_ids"], part["loss_mask"],
+                                        policy, part["input_ids"], part["loss_mask"],
                                         input_ids=part["input_ids"], attention_mask=part["attention_mask"])
                                     chunk_share = len(part["input_ids"]) / len(ptx["input_ids"])
                                     accelerator.backward(config.ptx_coef * ptx_loss * episode_share * chunk_share)

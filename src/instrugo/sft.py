@@ -177,7 +177,7 @@ def run_sft(config: SFTConfig) -> Path:
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast(), models.compiled_layers(model, config.compile):
                 loss = training.language_model_loss(
-                    model, accelerator.unwrap_model(model), tensors["input_ids"][:, -width:], tensors["loss_mask"][:, -width:],
+                    model, tensors["input_ids"][:, -width:], tensors["loss_mask"][:, -width:],
                     input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                     position_ids=tensors["position_ids"], logits_to_keep=width)
                 share = weight * tensors["loss_mask"][:, 1:].sum().item() / max(1, n_tokens)

@@ -111,15 +111,15 @@ COMPILE_HELP = ("Compile the decoder layers for the training passes (torch.compi
                 "else runs eager): ~35 s on a cold cache, then 1.2-1.4x faster steps on CPU (docs/BENCHMARKS.md).")
 
 
-def language_model_loss(model, unwrapped, labels: torch.Tensor, loss_mask: torch.Tensor, **inputs) -> torch.Tensor:
-    """`losses.response_lm_loss` of `model(**inputs)` (a causal LM, possibly wrapped for distributed training;
-    `unwrapped` is the model itself) against `labels` under `loss_mask`, positions aligned with the outputs
+def language_model_loss(model, labels: torch.Tensor, loss_mask: torch.Tensor, **inputs) -> torch.Tensor:
+    """`losses.response_lm_loss` of `model(**inputs)` (a causal LM, possibly wrapped for distributed training)
+    against `labels` under `loss_mask`, positions aligned with the outputs
     (`logits_to_keep` cuts both to the last columns). The output layer is applied by the loss, in chunks over
     the scored positions only, where it is a plain linear layer (`models.head_applied_by_loss`): SFT's and
     PPO-ptx's logits over the vocabulary never exist for a whole micro-batch."""
     from instrugo import losses
 
-    with models.head_applied_by_loss(unwrapped) as head:
+    with models.head_applied_by_loss(model) as head:
         outputs = model(**inputs, use_cache=False).logits
         if head is None:
             return losses.response_lm_loss(outputs, labels, loss_mask)
