@@ -96,6 +96,7 @@ def _register() -> None:
     from instrugo.report import ReportConfig, run_report
     from instrugo.reward import RewardConfig, run_reward
     from instrugo.sample import SampleConfig, run_sample
+    from instrugo.serve import ChatConfig, ServeConfig, run_chat, run_serve
     from instrugo.sft import SFTConfig, run_sft
 
     app.add_typer(data_app, name="data", help="The InstruGo dataset and your own data: stats, validate, export.")
@@ -117,6 +118,10 @@ def _register() -> None:
                   "Generate on held-out prompts and score with the gold judge; writes eval.json.")
     stage_command(app, "report", ReportConfig, run_report,
                   "Write RUN_DIR/report.html (plots and tables) from eval.json and the stages' metrics.")
+    stage_command(app, "chat", ChatConfig, run_chat,
+                  "Chat with a policy in the terminal (an `instrugo run` directory: its newest policy).")
+    stage_command(app, "serve", ServeConfig, run_serve,
+                  "Serve a policy over HTTP: OpenAI's /v1/chat/completions (streaming, batched) and a chat page.")
     stage_command(app, "run", RunConfig, run_pipeline,
                   "The whole loop: SFT, then rounds of sample, label, RM and PPO; evaluation and report.",
                   with_sections=True, multi_process=True)

@@ -15,7 +15,7 @@ fixed low score).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -232,10 +232,12 @@ def prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ca
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
            top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
-           prompt_of_row: torch.Tensor | None = None) -> list[Continuation]:
+           prompt_of_row: torch.Tensor | None = None,
+           on_step: Callable[[list[tuple[int, int]]], Iterable[int]] | None = None) -> list[Continuation]:
     """Sample a continuation of each left-padded prompt, one `Continuation` per row. Row r continues prompt
     `prompt_of_row[r]` (default: one row per prompt): several samples of one prompt share its prompt pass,
-    whose cache and logits are copied to each of them.
+    whose cache and logits are copied to each of them. `on_step`, if given, gets the (row, token) pairs of
+    each step's unfinished rows and returns the rows to end there (a stop string, a row's own length limit).
 
     Finished rows are dropped from the batch and the KV cache once they are an eighth of it (dropping
     costs a copy of the cache, so not one row at a time). Position ids skip the left padding, as in
@@ -256,12 +258,18 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     for step in range(max_new_tokens):
         token, token_logprob = next_tokens(logits, temperature, top_p, generator, banned=pad_id)
         row_logprobs = [None] * len(rows) if greedy else token_logprob.tolist()
+        live = []
         for row, value, logprob, done in zip(rows.tolist(), token.tolist(), row_logprobs, finished.tolist()):
             if not done:
                 tokens[row].append(value)
                 logprobs[row].append(logprob)
                 has_eos[row] = value == eos_id
+                live.append((row, value))
         finished |= token.cpu() == eos_id
+        if on_step is not None:
+            ended = set(on_step(live))
+            if ended:
+                finished |= torch.tensor([row in ended for row in rows.tolist()])
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if int(finished.sum()) * 8 >= len(rows):

@@ -211,7 +211,8 @@ def run_pipeline(config: RunConfig, preset: str = "default", sections: dict[str,
         from instrugo.report import write_report
 
         report = write_report(run_dir)
-        print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}")
+        print(f"run: done. Report: {report}\n     Numbers: {run_dir / 'eval.json'}\n"
+              f"     Talk to the newest policy: instrugo chat --policy {run_dir}  (or serve it: instrugo serve --policy {run_dir})")
     return run_dir
 
 

@@ -1,0 +1,114 @@
+"""`instrugo serve` under load: what gathering concurrent requests into one decode buys. The default policy
+is served twice per round, alternating: with `--max-batch-rows 1` (every request decoded alone, in arrival
+order) and with `--max-batch-rows CLIENTS` (the default window of 20 ms). Each time, after one warm-up
+request, CLIENTS clients at once each stream one greedy request (a different `eval`-split prompt each, at
+most MAX_TOKENS tokens), then one client asks alone. Prints, per setting, the medians over rounds of: the
+wall time until every client has its answer, the tokens per second that makes (completion tokens of all
+answers / wall time), the median client's latency and time to first text, and the lone request's latency.
+Usage: .venv/bin/python bench/serve_load.py [--clients 8] [--max-tokens 64] [--rounds 2] [--out FILE.json]"""
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from instrugo.data import load_split
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--clients", type=int, default=8)
+parser.add_argument("--max-tokens", type=int, default=64)
+parser.add_argument("--rounds", type=int, default=2)
+parser.add_argument("--out", default="")
+args = parser.parse_args()
+PROMPTS = [record["prompt"] for record in load_split("eval")[:args.clients + 1]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask(base: str, prompt: str) -> dict:
+    """One streamed greedy request: seconds to the first text and to the end, completion tokens."""
+    started, first = time.perf_counter(), None
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - started
+            if "usage" in chunk:
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"first_text_s": first, "latency_s": time.perf_counter() - started, "tokens": tokens}
+
+
+def serve_and_load(rows: int) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "instrugo", "serve", "--policy", "default", "--port", str(port),
+                               "--max-batch-rows", str(rows)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.5)
+        ask(base, PROMPTS[-1])  # warm-up
+        results: list[dict] = [{}] * args.clients
+
+        def client(index: int) -> None:
+            results[index] = ask(base, PROMPTS[index])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        alone = ask(base, PROMPTS[0])
+        health = httpx.get(base + "/health").json()
+        tokens = sum(r["tokens"] for r in results)
+        return {"max_batch_rows": rows, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                "median_latency_s": statistics.median(r["latency_s"] for r in results),
+                "median_first_text_s": statistics.median(r["first_text_s"] or r["latency_s"] for r in results),
+                "alone_latency_s": alone["latency_s"], "alone_tokens": alone["tokens"],
+                "decodes": health["decodes"], "rows": health["rows"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+runs: dict[int, list[dict]] = {1: [], args.clients: []}
+for round_index in range(args.rounds):
+    for rows in runs:
+        runs[rows].append(serve_and_load(rows))
+        print(json.dumps(runs[rows][-1]), flush=True)
+
+print(f"\n{args.clients} clients at once, greedy, at most {args.max_tokens} tokens each; medians of {args.rounds} rounds")
+print("| max_batch_rows | all answered | tokens/s | median latency | median first text | one request alone | decodes |")
+print("|---|---|---|---|---|---|---|")
+for rows, results in runs.items():
+    def median(key):
+        return statistics.median(r[key] for r in results)
+    print(f"| {rows} | {median('wall_s'):.1f} s | {median('tokens_per_s'):.1f} | {median('median_latency_s'):.1f} s "
+          f"| {median('median_first_text_s'):.2f} s | {median('alone_latency_s'):.1f} s | "
+          f"{'/'.join(str(r['decodes']) for r in results)} |")
+speedup = statistics.median(r["tokens_per_s"] for r in runs[args.clients]) / statistics.median(r["tokens_per_s"] for r in runs[1])
+print(f"batched / one at a time, tokens/s: {speedup:.2f}x")
+if args.out:
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "runs": {str(k): v for k, v in runs.items()}, "speedup": speedup}, f, indent=1)

@@ -1,0 +1,531 @@
+"""Step 7, show: chat with a trained policy in the terminal, or serve it over HTTP.
+
+    instrugo chat --policy runs/demo               # the run's newest policy; /reset starts over, /exit ends
+    instrugo serve --policy runs/demo --port 8001  # POST /v1/chat/completions (OpenAI's format); a chat page at /
+
+`--policy` takes the directory of an `instrugo run` (which stands for its newest policy: the last round's
+PPO-ptx, else its PPO, else the SFT model), a policy directory, 'default', 'tiny' or a .gguf file. Both
+commands generate through `generation.decode`, as every stage does (KV cache, finished rows leave the batch),
+with the linear weights packed once for the process instead of once per call. Temperature 0 (greedy) by
+default: the responses `instrugo eval` judged.
+
+The server decodes on one thread. It gathers the requests that arrive within `batch_window_ms` of the first,
+and those that queued while the previous decode ran, into one decode of up to `max_batch_rows` rows: a
+decode step reads every weight once whatever the batch, so users served together cost little more than one.
+Requests with other sampling settings, or with a `seed` (which then gives the same response every time),
+are decoded apart. With `"stream": true` the text arrives as server-sent events while it is generated; text
+that may still turn out to be the start of a `stop` string is held back until it cannot.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations.
+import asyncio
+import contextlib
+import itertools
+import json
+import queue
+import secrets
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from instrugo import models
+from instrugo.config import option, require
+from instrugo.generation import decode, encode_prompts, pad_batch
+from instrugo.runio import InputError, is_complete
+
+PAGE = Path(__file__).parent / "chat_page"
+# The page's text comes from a model: scripts and styles only from this origin, so injected markup stays inert.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff"}
+POLICY_HELP = ("Policy: an `instrugo run` directory (its newest policy), a policy directory, 'default', 'tiny' "
+               "or a .gguf file.")
+
+
+@dataclass
+class GenerationSettings:
+    """What both commands share: the policy and how it samples."""
+
+    policy: str = option("runs/demo", POLICY_HELP)
+    max_new_tokens: int = option(256, "Reply length limit in tokens (the server's default max_tokens).")
+    temperature: float = option(0.0, "Sampling temperature (0 = greedy, as `instrugo eval` judged the policies).")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
+    seed: int = option(0, "Sampling seed.")
+
+    def validate(self) -> None:
+        require(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
+        require(self.temperature >= 0, "temperature", "must be at least 0")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+
+@dataclass
+class ChatConfig(GenerationSettings):
+    """Chat with a policy in the terminal."""
+
+    system: str = option("", "System message ('' = the chat template's own).")
+
+
+@dataclass
+class ServeConfig(GenerationSettings):
+    """Serve a policy over HTTP: OpenAI's chat-completions API and a chat page."""
+
+    host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = option(8001, "TCP port.")
+    max_batch_rows: int = option(32, "Most rows (responses) decoded together.")
+    batch_window_ms: float = option(20.0, "How long the first request of a batch waits for others to join it.")
+    api_key: str = option("", "Require `Authorization: Bearer KEY` on the API ('' = open; set it before "
+                              "listening beyond this machine).")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.max_batch_rows >= 1, "max_batch_rows", "must be at least 1")
+        require(self.batch_window_ms >= 0, "batch_window_ms", "must be at least 0")
+        require(0 < self.port < 65536, "port", "must be 1..65535")
+
+
+def newest_policy(policy: str) -> str:
+    """The policy a `--policy` value names: an `instrugo run` directory stands for its newest complete
+    policy (last round first; in a round PPO-ptx, the variant later rounds continue, then PPO; else SFT).
+    Anything else is returned as it is."""
+    path = Path(policy)
+    if (path / "config.json").exists() or not (path / "sft").is_dir():
+        return policy
+    from instrugo.pipeline import VARIANTS, RunConfig
+
+    order = list(dict.fromkeys(RunConfig().variants + list(VARIANTS)))
+    rounds = sorted((int(p.name[5:]), p) for p in path.glob("round*") if p.name[5:].isdigit())
+    for _, round_dir in reversed(rounds):
+        for variant in order:
+            if is_complete(round_dir / variant):
+                return str(round_dir / variant)
+    if is_complete(path / "sft"):
+        return str(path / "sft")
+    raise InputError(path, "a run directory with no finished policy yet (sft/ or roundN/ppo*/)")
+
+
+class Reply:
+    """One generated response as text: decoded as its tokens arrive, ended by EOS, by its first `stop`
+    string (cut before it) or by `max_tokens`, and released in pieces that end neither inside a character
+    nor inside what may still become a stop string."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop: Sequence[str] = ()):
+        self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, tuple(stop)
+        self.holdback = max(map(len, self.stop), default=1) - 1
+        self.tokens: list[int] = []  # as sampled, EOS included
+        self.text = ""
+        self.released = 0            # characters of `text` already released
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+    def add(self, token: int, eos_id: int) -> str:
+        """Take the next sampled token; return the text it releases (often '')."""
+        self.tokens.append(token)
+        if token == eos_id:
+            self.finish_reason = "stop"
+        else:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            self.text = text if cut < 0 else text[:cut]
+            if cut >= 0:
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= self.max_tokens:
+                self.finish_reason = "length"
+        end = len(self.text)
+        if self.finish_reason is None:  # a trailing U+FFFD is a character whose bytes have not all come yet
+            end = len(self.text.rstrip("\ufffd")) - self.holdback
+        piece = self.text[self.released:end]
+        self.released = max(self.released, end)
+        return piece
+
+    def cancel(self) -> None:
+        """Stop generating this row at the next step (its client went away)."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+
+class ChatModel:
+    """A policy ready to generate: its tokenizer, its weights on the device in fp32 with the linear layers
+    packed for the process's lifetime (`close` unpacks them), and the precision the probe picked."""
+
+    def __init__(self, policy: str, precision: str = "auto"):
+        self.path = newest_policy(policy)
+        self.precision = models.setup_compute(precision)
+        self.tokenizer = models.load_tokenizer(self.path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = models.load_causal_lm(self.path, self.tokenizer).eval().to(self.device)
+        self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self._packed = contextlib.ExitStack()
+        self._packed.enter_context(models.inference_attention(self.model))
+        self._packed.enter_context(models.packed_linears(self.model, self.precision))
+
+    def close(self) -> None:
+        self._packed.close()
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        return encode_prompts(self.tokenizer, [messages])[0]
+
+    def room(self, prompt: list[int]) -> int:
+        """How many tokens fit after `prompt` in the model's context."""
+        return self.context - len(prompt)
+
+    def generate(self, prompts: list[list[int]], replies: list[Reply], prompt_of_row: list[int],
+                 temperature: float, top_p: float, generator: torch.Generator,
+                 on_text: Callable[[int, str], None] | None = None) -> None:
+        """Decode one row per reply, row r continuing `prompts[prompt_of_row[r]]`; each reply takes its
+        tokens as they come, and `on_text(row, piece)` gets the text a token releases. Rows end on their own
+        (EOS, a stop string, their own max_tokens, cancelled); the others go on decoding."""
+        eos_id = self.tokenizer.eos_token_id
+
+        def take(live: list[tuple[int, int]]) -> list[int]:
+            ended = []
+            for row, token in live:
+                reply = replies[row]
+                if reply.finish_reason is None:
+                    piece = reply.add(token, eos_id)
+                    if piece and on_text is not None:
+                        on_text(row, piece)
+                if reply.finish_reason is not None:
+                    ended.append(row)
+            return ended
+
+        input_ids, attention_mask = pad_batch(prompts, self.tokenizer.pad_token_id)
+        one_row_per_prompt = prompt_of_row == list(range(len(prompts)))
+        rows = None if one_row_per_prompt else torch.tensor(prompt_of_row, device=self.device)
+        with models.autocast(self.precision):
+            decode(self.model, input_ids.to(self.device), attention_mask.to(self.device),
+                   max(reply.max_tokens for reply in replies), temperature, top_p, eos_id,
+                   self.tokenizer.pad_token_id, generator, rows, on_step=take)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The terminal chat
+
+
+def fitted_history(chat: ChatModel, system: list[dict], turns: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+    """The prompt for the conversation so far, and how many of its oldest turns were left out so that it
+    and a reply of `max_new_tokens` fit the context (user/assistant pairs go together; the newest user
+    turn always stays)."""
+    dropped = 0
+    while True:
+        prompt = chat.encode(system + turns[dropped:])
+        if chat.room(prompt) >= max_new_tokens or dropped >= len(turns) - 1:
+            return prompt, dropped
+        dropped += 2
+
+
+def run_chat(config: ChatConfig) -> None:
+    chat = ChatModel(config.policy, config.precision)
+    generator = torch.Generator(device=chat.device).manual_seed(config.seed)
+    system = [{"role": "system", "content": config.system}] if config.system else []
+    mode = "greedy" if config.temperature <= 0 else f"temperature {config.temperature}, top-p {config.top_p}"
+    print(f"chat: {chat.path} ({mode}, up to {config.max_new_tokens} tokens; precision "
+          f"{models.describe_precision(chat.precision)}). /reset starts over, /exit or Ctrl-D ends.")
+    turns: list[dict] = []
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                turns = []
+                print("(conversation cleared)")
+                continue
+            if not line:
+                continue
+            turns.append({"role": "user", "content": line})
+            prompt, dropped = fitted_history(chat, system, turns, config.max_new_tokens)
+            room = chat.room(prompt)
+            if room <= 0:
+                turns.pop()
+                print(f"(that message alone is {len(prompt)} tokens, the model's context {chat.context})")
+                continue
+            if dropped:
+                turns = turns[dropped:]
+                print(f"(the oldest {dropped} messages no longer fit the context; left out)")
+            reply = Reply(chat.tokenizer, min(config.max_new_tokens, room))
+            print("assistant> ", end="", flush=True)
+            chat.generate([prompt], [reply], [0], config.temperature, config.top_p, generator,
+                          on_text=lambda row, piece: print(piece, end="", flush=True))
+            print(" [cut at --max-new-tokens]" if reply.finish_reason == "length" else "")
+            turns.append({"role": "assistant", "content": reply.text})
+    finally:
+        chat.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The HTTP server
+
+
+class Job:
+    """A request in the decode queue: its prompt, one Reply per choice, and the event queue its handler
+    reads (filled from the decode thread through the handler's event loop)."""
+
+    def __init__(self, prompt: list[int], replies: list[Reply], temperature: float, top_p: float,
+                 seed: int | None, stream: bool, loop: asyncio.AbstractEventLoop):
+        self.prompt, self.replies, self.stream, self.seed = prompt, replies, stream, seed
+        self.temperature, self.top_p = temperature, (top_p if temperature > 0 else 1.0)
+        self.loop, self.events = loop, asyncio.Queue()
+
+    def send(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        for reply in self.replies:
+            reply.cancel()
+
+    def batch_key(self) -> tuple:
+        """Jobs decoded together sample alike; a seeded job is decoded alone, so its seed decides it."""
+        return (self.temperature, self.top_p, id(self) if self.seed is not None else None)
+
+
+def decode_batches(jobs: list[Job], max_rows: int) -> list[list[Job]]:
+    """Jobs in decodes: those of equal `batch_key` together, in arrival order, up to `max_rows` rows per
+    decode (a job with more rows than that is decoded alone)."""
+    batches: list[list[Job]] = []
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key(), []).append(job)
+    for group in groups.values():
+        batch: list[Job] = []
+        for job in group:
+            if batch and sum(len(j.replies) for j in batch) + len(job.replies) > max_rows:
+                batches.append(batch)
+                batch = []
+            batch.append(job)
+        batches.append(batch)
+    return batches
+
+
+class Batcher:
+    """The one thread that decodes: it takes jobs from a queue, gathers those that arrive within the window
+    (or are already waiting) and decodes them in batches. Counts what it ran, for /health."""
+
+    def __init__(self, chat: ChatModel, max_rows: int, window_s: float, seed: int):
+        self.chat, self.max_rows, self.window_s, self.seed = chat, max_rows, window_s, seed
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.decodes = self.rows = 0
+        self.thread = threading.Thread(target=self._work, name="instrugo-decode", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """`first` and what joins it before the window closes or the batch is full; and whether to stop."""
+        jobs, deadline = [first], time.monotonic() + self.window_s
+        while sum(len(job.replies) for job in jobs) < self.max_rows:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _work(self) -> None:
+        for number in itertools.count():
+            first = self.jobs.get()
+            if first is None:
+                return
+            jobs, stopping = self._gather(first)
+            for batch in decode_batches(jobs, self.max_rows):
+                self._decode(batch, number)
+            if stopping:
+                return
+
+    def _decode(self, batch: list[Job], number: int) -> None:
+        replies = [reply for job in batch for reply in job.replies]
+        owner = [(job, choice) for job in batch for choice in range(len(job.replies))]
+        prompt_of_row = [index for index, job in enumerate(batch) for _ in job.replies]
+        seed = batch[0].seed if batch[0].seed is not None else self.seed * 1_000_003 + number
+        generator = torch.Generator(device=self.chat.device).manual_seed(seed)
+
+        def on_text(row: int, piece: str) -> None:
+            job, choice = owner[row]
+            if job.stream:
+                job.send(("text", choice, piece))
+
+        try:
+            self.chat.generate([job.prompt for job in batch], replies, prompt_of_row, batch[0].temperature,
+                               batch[0].top_p, generator, on_text)
+        except Exception as error:  # the requests fail, the server goes on
+            for job in batch:
+                job.send(("error", f"{type(error).__name__}: {error}"))
+            return
+        self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
+        for job in batch:
+            job.send(("done",))
+
+
+def create_app(chat: ChatModel, config: ServeConfig):
+    """The ASGI app (`instrugo serve` runs it with uvicorn; tests call it directly). Starts the decode thread
+    on startup and stops it on shutdown."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, Field
+
+    batcher = Batcher(chat, config.max_batch_rows, config.batch_window_ms / 1000, config.seed)
+    model_name = chat.path
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(title="instrugo", lifespan=lifespan)
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if config.api_key and (credentials is None
+                               or not secrets.compare_digest(credentials.credentials.encode(), config.api_key.encode())):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)")
+
+    class Message(BaseModel):
+        role: Literal["system", "user", "assistant"]
+        content: str
+
+    class ChatRequest(BaseModel):
+        """OpenAI's chat-completions request; fields it has and this server does not use are ignored."""
+
+        model: str | None = None
+        messages: list[Message] = Field(min_length=1)
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        max_tokens: int | None = Field(None, ge=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+        n: int = Field(1, ge=1, le=config.max_batch_rows)
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream: bool = False
+
+    @app.exception_handler(HTTPException)
+    async def openai_error(request: Request, error: HTTPException):
+        return JSONResponse({"error": {"message": error.detail, "type": "invalid_request_error"}},
+                            status_code=error.status_code)
+
+    @app.get("/")
+    def page():
+        return FileResponse(PAGE / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/chat.js")
+    def page_script():
+        return FileResponse(PAGE / "chat.js", media_type="text/javascript", headers=PAGE_HEADERS)
+
+    @app.get("/chat.css")
+    def page_style():
+        return FileResponse(PAGE / "chat.css", media_type="text/css", headers=PAGE_HEADERS)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "policy": model_name, "decodes": batcher.decodes, "rows": batcher.rows,
+                "queued": batcher.jobs.qsize()}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "instrugo"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest):
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or not all(stop):
+            raise HTTPException(400, "stop: at most 4 non-empty strings")
+        prompt = chat.encode([m.model_dump() for m in body.messages])
+        room = chat.room(prompt)
+        wanted = body.max_completion_tokens or body.max_tokens
+        if room <= 0 or (wanted is not None and wanted > room):
+            raise HTTPException(400, f"the messages are {len(prompt)} tokens; with max_tokens {wanted} that is "
+                                     f"more than the model's context of {chat.context} tokens")
+        max_tokens = wanted or min(config.max_new_tokens, room)
+        temperature = config.temperature if body.temperature is None else body.temperature
+        top_p = config.top_p if body.top_p is None else body.top_p
+        replies = [Reply(chat.tokenizer, max_tokens, stop) for _ in range(body.n)]
+        job = Job(prompt, replies, temperature, top_p, body.seed, body.stream, asyncio.get_running_loop())
+        batcher.submit(job)
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": reply_id, "created": created, "model": model_name}
+        if body.stream:
+            return StreamingResponse(server_sent_events(job, head), media_type="text/event-stream")
+        try:
+            event = await job.events.get()
+            while event[0] == "text":
+                event = await job.events.get()
+        except asyncio.CancelledError:  # the client went away
+            job.cancel()
+            raise
+        if event[0] == "error":
+            raise HTTPException(500, event[1])
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": i, "message": {"role": "assistant", "content": reply.text},
+                             "finish_reason": reply.finish_reason} for i, reply in enumerate(replies)],
+                "usage": usage(job)}
+
+    return app
+
+
+def usage(job: Job) -> dict:
+    completion = sum(len(reply.tokens) for reply in job.replies)
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
+            "total_tokens": len(job.prompt) + completion}
+
+
+async def server_sent_events(job: Job, head: dict):
+    """OpenAI's stream: a chunk opening each choice, chunks of text as it comes, a chunk per choice with
+    its finish reason, one with the usage, then [DONE]. A client that leaves cancels the job's rows."""
+    def chunk(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
+
+    finished = False
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(len(job.replies))])
+        while True:
+            event = await job.events.get()
+            if event[0] == "text":
+                yield chunk([{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
+                continue
+            finished = True
+            if event[0] == "error":
+                yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+            else:
+                yield chunk([{"index": i, "delta": {}, "finish_reason": reply.finish_reason}
+                             for i, reply in enumerate(job.replies)])
+                yield chunk([], usage=usage(job))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if not finished:
+            job.cancel()
+
+
+def run_serve(config: ServeConfig) -> None:
+    import uvicorn
+
+    chat = ChatModel(config.policy, config.precision)
+    print(f"serve: {chat.path} at http://{config.host}:{config.port}/ (chat page), API: POST "
+          f"/v1/chat/completions; precision {models.describe_precision(chat.precision)}"
+          + ("" if config.api_key else "; no API key set"), file=sys.stderr)
+    try:
+        uvicorn.run(create_app(chat, config), host=config.host, port=config.port, log_level="warning")
+    finally:
+        chat.close()

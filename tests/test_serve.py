@@ -1,0 +1,314 @@
+"""Chat with and serve a policy: replies as text (stop strings, partial characters, limits), the run
+directory's newest policy, the terminal chat, the OpenAI-style API (batching, streaming, seeds, errors)
+and its chat page in a real browser."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from instrugo import runio
+from instrugo.cli import app
+from instrugo.generation import SamplingConfig, decode, encode_prompts, pad_batch, sample_responses
+from instrugo.runio import InputError
+from instrugo.serve import (ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
+                            newest_policy, server_sent_events)
+
+EOS = 0
+
+
+class BytesTokenizer:
+    """Token i is the byte string VOCAB[i]; text is their bytes decoded as UTF-8 (incomplete characters
+    become U+FFFD, as real tokenizers decode them)."""
+
+    VOCAB = {0: b"", 1: b"Hel", 2: b"lo", 3: b" ST", 4: b"OP", 5: b" caf", 6: b"\xc3", 7: b"\xa9", 8: b"!"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.VOCAB[i] for i in ids if i != EOS).decode("utf-8", errors="replace")
+
+
+def feed(reply: Reply, tokens: list[int]) -> list[str]:
+    return [reply.add(token, EOS) for token in tokens]
+
+
+def test_reply_holds_back_a_possible_stop_string_and_cuts_before_it():
+    reply = Reply(BytesTokenizer(), max_tokens=10, stop=["STOP"])
+    # Up to len("STOP") - 1 = 3 trailing characters wait until they cannot start "STOP".
+    assert feed(reply, [1, 2, 3, 4]) == ["", "He", "llo", " "]
+    assert reply.text == "Hello " and reply.finish_reason == "stop" and reply.tokens == [1, 2, 3, 4]
+
+
+def test_reply_waits_for_a_character_split_across_tokens():
+    reply = Reply(BytesTokenizer(), max_tokens=10)
+    assert feed(reply, [5, 6, 7, 8]) == [" caf", "", "é", "!"]
+    assert reply.text == " café!" and reply.finish_reason is None
+
+
+def test_reply_ends_at_eos_or_its_length_and_releases_what_it_held():
+    at_eos = Reply(BytesTokenizer(), max_tokens=10, stop=["STOP"])
+    assert feed(at_eos, [1, 2, EOS]) == ["", "He", "llo"]
+    assert (at_eos.text, at_eos.finish_reason, at_eos.tokens) == ("Hello", "stop", [1, 2, EOS])
+    at_length = Reply(BytesTokenizer(), max_tokens=2, stop=["STOP"])
+    assert feed(at_length, [1, 2]) == ["", "Hello"]
+    assert at_length.finish_reason == "length"
+    cancelled = Reply(BytesTokenizer(), max_tokens=10)
+    cancelled.cancel()
+    assert cancelled.finish_reason == "cancelled"
+
+
+def test_decode_ends_the_rows_on_step_names_and_only_those(tiny_model_dir, tiny_tokenizer):
+    from instrugo.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+    input_ids, attention_mask = pad_batch(encode_prompts(tiny_tokenizer, ["a", "b c", "d e f"]), tiny_tokenizer.pad_token_id)
+    seen: list[list[int]] = []
+
+    def end_row_1_after_two_tokens(live):
+        seen.append([row for row, _ in live])
+        return [1] if len(seen) == 2 else []
+
+    # An EOS id no token takes, so only the callback and the limit end rows.
+    rows = decode(model, input_ids, attention_mask, 6, 0.0, 1.0, -1, tiny_tokenizer.pad_token_id,
+                  torch.Generator().manual_seed(0), on_step=end_row_1_after_two_tokens)
+    assert [len(row.tokens) for row in rows] == [6, 2, 6]
+    assert seen == [[0, 1, 2], [0, 1, 2]] + [[0, 2]] * 4
+
+
+def test_newest_policy_of_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    for stage in ("sft", "round1/ppo", "round1/ppo_ptx", "round2/ppo"):
+        (run / stage).mkdir(parents=True)
+    with pytest.raises(InputError, match="no finished policy"):
+        newest_policy(str(run))
+    runio.mark_complete(run / "sft", {})
+    assert newest_policy(str(run)) == str(run / "sft")
+    runio.mark_complete(run / "round1" / "ppo", {})
+    assert newest_policy(str(run)) == str(run / "round1" / "ppo")
+    runio.mark_complete(run / "round1" / "ppo_ptx", {})  # the variant later rounds continue comes first
+    assert newest_policy(str(run)) == str(run / "round1" / "ppo_ptx")
+    runio.mark_complete(run / "round2" / "ppo", {})
+    assert newest_policy(str(run)) == str(run / "round2" / "ppo")
+    (run / "sft" / "config.json").write_text("{}")  # a model directory is itself, whatever it holds
+    assert newest_policy(str(run / "sft")) == str(run / "sft")
+    assert newest_policy("tiny") == "tiny"
+
+
+class CharacterChat:
+    """A ChatModel stand-in whose prompt is one token per character of the messages."""
+
+    context = 20
+
+    def encode(self, messages):
+        return [0] * sum(len(m["content"]) for m in messages)
+
+    def room(self, prompt):
+        return self.context - len(prompt)
+
+
+def test_fitted_history_leaves_out_the_oldest_pairs_and_keeps_the_newest_message():
+    system = [{"role": "system", "content": "ss"}]
+    turns = [{"role": r, "content": c} for r, c in
+             [("user", "aaaa"), ("assistant", "bbbb"), ("user", "cccc"), ("assistant", "dddd"), ("user", "eeee")]]
+    # Context 20: the system message and all five turns take 22 tokens.
+    assert fitted_history(CharacterChat(), system, turns[2:], max_new_tokens=6) == ([0] * 14, 0)
+    assert fitted_history(CharacterChat(), system, turns, max_new_tokens=6) == ([0] * 14, 2)
+    assert fitted_history(CharacterChat(), system, turns, max_new_tokens=7) == ([0] * 6, 4)
+    assert fitted_history(CharacterChat(), system, turns, max_new_tokens=15) == ([0] * 6, 4)  # too long: the caller says so
+
+
+def test_decode_batches_groups_equal_settings_up_to_the_row_limit():
+    def job(rows, temperature=0.0, seed=None):
+        return Job([1], [None] * rows, temperature, 0.9, seed, False, None)
+
+    a, b, c, d = job(2), job(2), job(1, temperature=0.7), job(3)
+    seeded, e = job(1, seed=5), job(1)
+    assert decode_batches([a, b, c, d, seeded, e], max_rows=4) == [[a, b], [d, e], [c], [seeded]]
+    big = job(6)
+    assert decode_batches([a, big, b], max_rows=4) == [[a], [big], [b]]
+    assert job(1, temperature=0.0).top_p == 1.0  # greedy ignores top-p, so greedy jobs always share a decode
+
+
+def test_cancelled_stream_cancels_its_rows():
+    async def first_chunk_then_leave():
+        job = Job([1], [Reply(BytesTokenizer(), 4), Reply(BytesTokenizer(), 4)], 0.0, 1.0, None, True,
+                  asyncio.get_running_loop())
+        events = server_sent_events(job, {"id": "x", "created": 0, "model": "m"})
+        assert (await anext(events)).startswith("data: ")
+        await events.aclose()
+        return [reply.finish_reason for reply in job.replies]
+
+    assert asyncio.run(first_chunk_then_leave()) == ["cancelled", "cancelled"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    chat = ChatModel("tiny", "fp32")
+    yield chat
+    chat.close()
+
+
+MESSAGES = [{"role": "user", "content": "Tell me about tennis."}]
+
+
+def post(client, **body):
+    return client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+
+
+def stream_text(client, **body) -> tuple[str, list[dict]]:
+    with client.stream("POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": True, **body}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(choice["delta"].get("content", "") for chunk in chunks for choice in chunk["choices"])
+    return text, chunks
+
+
+def test_api_answers_as_the_evaluation_samples_and_streams_the_same_text(tiny_chat, tiny_tokenizer):
+    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny"))) as client:
+        reply = post(client, max_tokens=12, temperature=1.0, seed=0).json()
+        [choice] = reply["choices"]
+        assert reply["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+        # A request with seed s alone draws as `sample_responses` does with seed s (its first batch's seed is
+        # s * 1_000_003 + 0): the same tokens, the same text.
+        [[sampled]] = sample_responses(tiny_chat.model, tiny_tokenizer, [MESSAGES], config=SamplingConfig(12, 1.0), seed=0)
+        content = choice["message"]["content"]
+        assert content.strip() == sampled.text and len(set(content)) > 3
+        assert choice["finish_reason"] == ("stop" if sampled.has_eos else "length")
+        prompt_tokens = len(encode_prompts(tiny_tokenizer, [MESSAGES])[0])
+        assert reply["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(sampled.token_ids),
+                                  "total_tokens": prompt_tokens + len(sampled.token_ids)}
+
+        text, chunks = stream_text(client, max_tokens=12, temperature=1.0, seed=0)
+        assert text == content
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+        assert chunks[-1]["usage"] == reply["usage"] and all(c["id"] == chunks[0]["id"] for c in chunks)
+
+        # A stop string from the middle of that response ends it just before, in both forms.
+        start = next(i for i in range(len(content) // 2, len(content) - 3) if "\ufffd" not in content[i:i + 3])
+        stop = content[start:start + 3]
+        cut = post(client, max_tokens=12, temperature=1.0, seed=0, stop=stop).json()["choices"][0]
+        assert (cut["message"]["content"], cut["finish_reason"]) == (content[:content.find(stop)], "stop")
+        assert stream_text(client, max_tokens=12, temperature=1.0, seed=0, stop=[stop])[0] == cut["message"]["content"]
+
+
+def test_api_sampling_seeds_and_choices(tiny_chat):
+    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny"))) as client:
+        def texts(**body):
+            return [c["message"]["content"] for c in post(client, temperature=1.0, max_tokens=8, **body).json()["choices"]]
+
+        assert texts(seed=3) == texts(seed=3) != texts(seed=4)
+        three = post(client, temperature=1.0, max_tokens=5, n=3).json()
+        assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+        assert len({c["message"]["content"] for c in three["choices"]}) > 1
+        assert three["usage"]["completion_tokens"] <= 15
+
+
+def test_api_decodes_concurrent_requests_together(tiny_chat):
+    config = ServeConfig(policy="tiny", max_batch_rows=4, batch_window_ms=5000)
+    with TestClient(create_app(tiny_chat, config)) as client:
+        replies = [None] * 3
+        started = time.monotonic()
+
+        def ask(index):
+            replies[index] = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "word " * (index + 1)}], "max_tokens": 6, "n": 1 + (index == 0)})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # 4 rows fill the batch: it went without waiting out the 5-second window.
+        assert time.monotonic() - started < 5
+        assert [r.status_code for r in replies] == [200, 200, 200]
+        assert [len(r.json()["choices"]) for r in replies] == [2, 1, 1]
+        health = client.get("/health").json()
+        assert (health["decodes"], health["rows"]) == (1, 4)
+
+
+def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat):
+    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny", api_key="secret"))) as client:
+        assert post(client).status_code == 401
+        assert client.get("/v1/models").status_code == 401
+        client.headers["Authorization"] = "Bearer secret"
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        too_long = post(client, max_tokens=tiny_chat.context)
+        assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
+        assert post(client, stop=["a", ""]).status_code == 400
+        assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+        assert post(client, temperature=-1).status_code == 422
+        assert post(client, max_tokens=2).status_code == 200
+        assert client.get("/health").json()["status"] == "ok"  # open: no key needed
+
+
+def test_chat_command_talks_resets_and_exits(tmp_path):
+    result = CliRunner().invoke(app, ["chat", "--policy", "tiny", "--max-new-tokens", "4", "--temperature", "1"],
+                                input="Hello there\n/reset\nHi again\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    assert "chat: tiny" in result.output
+    assert result.output.count("assistant> ") == 2 and "(conversation cleared)" in result.output
+    assert result.output.count("you> ") == 4  # the line after /exit is never asked for
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make browser)")
+def test_chat_page_streams_a_reply_and_shows_text_as_text(tmp_path):
+    import socket
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "instrugo", "serve", "--policy", "tiny", "--port", str(port),
+                               "--max-new-tokens", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {server.stderr.read().decode()}") from None
+                time.sleep(0.2)
+        message = 'Hi <img src=x onerror="window.__xss=1">'
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(base + "/")
+            expect(page.locator("#policy")).to_have_text("policy: tiny")
+            page.fill("#temperature", "1")  # the tiny model's greedy reply is only newlines
+            page.fill("#max-tokens", "16")
+            page.fill("#message", message)
+            with page.expect_response("**/v1/chat/completions") as streamed:
+                page.press("#message", "Enter")
+            expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+            events = [line.removeprefix("data: ") for line in streamed.value.text().split("\n") if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            sent = "".join(c["delta"].get("content", "") for e in events[:-1] for c in json.loads(e)["choices"])
+            assert len(sent) > 3 and page.text_content(".turn.assistant") == sent
+            assert page.text_content(".turn.user") == message
+            assert page.locator("#transcript img").count() == 0 and page.evaluate("window.__xss") is None
+            page.click("#reset")
+            assert page.locator(".turn").count() == 0
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
