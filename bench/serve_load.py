@@ -1,11 +1,12 @@
 """`instrugo serve` under load: what gathering concurrent requests into one decode buys. The default policy
 is served twice per round, alternating: with `--max-batch-rows 1` (every request decoded alone, in arrival
 order) and with `--max-batch-rows CLIENTS` (the default window of 20 ms). Each time, after one warm-up
-request, CLIENTS clients at once each stream one greedy request (a different `eval`-split prompt each, at
-most MAX_TOKENS tokens), then one client asks alone. Prints, per setting, the medians over rounds of: the
-wall time until every client has its answer, the tokens per second that makes (completion tokens of all
-answers / wall time), the median client's latency and time to first text, and the lone request's latency.
-Usage: .venv/bin/python bench/serve_load.py [--clients 8] [--max-tokens 64] [--rounds 2] [--out FILE.json]"""
+request, CLIENTS clients (threads released together) each stream REQUESTS greedy requests one after the
+other (a different `eval`-split prompt each, at most MAX_TOKENS tokens), then one client asks alone. Prints,
+per setting, the medians over rounds of: the wall time until every client has all its answers, the tokens
+per second that makes (completion tokens of all answers / wall time), the median request's latency and time
+to first text, and the lone request's latency.
+Usage: .venv/bin/python bench/serve_load.py [--clients 8] [--requests 3] [--max-tokens 64] [--rounds 2] [--out FILE.json]"""
 import argparse
 import json
 import socket
@@ -21,11 +22,12 @@ from instrugo.data import load_split
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--clients", type=int, default=8)
+parser.add_argument("--requests", type=int, default=3)
 parser.add_argument("--max-tokens", type=int, default=64)
 parser.add_argument("--rounds", type=int, default=2)
 parser.add_argument("--out", default="")
 args = parser.parse_args()
-PROMPTS = [record["prompt"] for record in load_split("eval")[:args.clients + 1]]
+PROMPTS = [record["prompt"] for record in load_split("eval")[:args.clients * args.requests + 1]]
 
 
 def free_port() -> int:
@@ -67,10 +69,13 @@ def serve_and_load(rows: int) -> dict:
                     raise SystemExit("the server did not start")
                 time.sleep(0.5)
         ask(base, PROMPTS[-1])  # warm-up
-        results: list[dict] = [{}] * args.clients
+        results: list[dict] = []
+        together = threading.Barrier(args.clients)
 
         def client(index: int) -> None:
-            results[index] = ask(base, PROMPTS[index])
+            together.wait()
+            for request in range(args.requests):
+                results.append(ask(base, PROMPTS[index * args.requests + request]))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
         started = time.perf_counter()
@@ -98,7 +103,8 @@ for round_index in range(args.rounds):
         runs[rows].append(serve_and_load(rows))
         print(json.dumps(runs[rows][-1]), flush=True)
 
-print(f"\n{args.clients} clients at once, greedy, at most {args.max_tokens} tokens each; medians of {args.rounds} rounds")
+print(f"\n{args.clients} clients x {args.requests} requests, greedy, at most {args.max_tokens} tokens each; "
+      f"medians of {args.rounds} rounds")
 print("| max_batch_rows | all answered | tokens/s | median latency | median first text | one request alone | decodes |")
 print("|---|---|---|---|---|---|---|")
 for rows, results in runs.items():

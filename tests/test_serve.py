@@ -20,7 +20,7 @@ from instrugo import runio
 from instrugo.cli import app
 from instrugo.generation import SamplingConfig, decode, encode_prompts, pad_batch, sample_responses
 from instrugo.runio import InputError
-from instrugo.serve import (ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
+from instrugo.serve import (Batcher, ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
                             newest_policy, server_sent_events)
 
 EOS = 0
@@ -135,6 +135,36 @@ def test_decode_batches_groups_equal_settings_up_to_the_row_limit():
     big = job(6)
     assert decode_batches([a, big, b], max_rows=4) == [[a], [big], [b]]
     assert job(1, temperature=0.0).top_p == 1.0  # greedy ignores top-p, so greedy jobs always share a decode
+
+
+class ImmediateLoop:
+    """An event loop stand-in that runs what the decode thread hands it at once."""
+
+    def call_soon_threadsafe(self, callback, *args):
+        callback(*args)
+
+
+def test_a_request_is_answered_when_its_rows_end_not_when_the_batch_does():
+    def events(job):
+        return [job.events.get_nowait() for _ in range(job.events.qsize())]
+
+    short, long = (Job([1], [Reply(BytesTokenizer(), 9)], 0.0, 1.0, None, True, ImmediateLoop()) for _ in range(2))
+    seen = {}
+
+    class ScriptedChat:
+        device = "cpu"
+
+        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
+            assert prompt_of_row == [0, 1]
+            on_text(0, "a")
+            on_end(0)
+            seen["short"], seen["long"] = events(short), events(long)
+            on_text(1, "b")
+            on_end(1)
+
+    Batcher(ScriptedChat(), 4, 0.0, 0)._decode([short, long], 0)
+    assert seen == {"short": [("text", 0, "a"), ("done",)], "long": []}
+    assert events(long) == [("text", 0, "b"), ("done",)] and events(short) == []
 
 
 def test_cancelled_stream_cancels_its_rows():

@@ -175,10 +175,12 @@ class ChatModel:
 
     def generate(self, prompts: list[list[int]], replies: list[Reply], prompt_of_row: list[int],
                  temperature: float, top_p: float, generator: torch.Generator,
-                 on_text: Callable[[int, str], None] | None = None) -> None:
+                 on_text: Callable[[int, str], None] | None = None,
+                 on_end: Callable[[int], None] | None = None) -> None:
         """Decode one row per reply, row r continuing `prompts[prompt_of_row[r]]`; each reply takes its
-        tokens as they come, and `on_text(row, piece)` gets the text a token releases. Rows end on their own
-        (EOS, a stop string, their own max_tokens, cancelled); the others go on decoding."""
+        tokens as they come, `on_text(row, piece)` gets the text a token releases and `on_end(row)` hears
+        when a row ends. Rows end on their own (EOS, a stop string, their own max_tokens, cancelled: no
+        `on_end` then); the others go on decoding."""
         eos_id = self.tokenizer.eos_token_id
 
         def take(live: list[tuple[int, int]]) -> list[int]:
@@ -189,6 +191,8 @@ class ChatModel:
                     piece = reply.add(token, eos_id)
                     if piece and on_text is not None:
                         on_text(row, piece)
+                    if reply.finish_reason is not None and on_end is not None:
+                        on_end(row)
                 if reply.finish_reason is not None:
                     ended.append(row)
             return ended
@@ -357,21 +361,31 @@ class Batcher:
         seed = batch[0].seed if batch[0].seed is not None else self.seed * 1_000_003 + number
         generator = torch.Generator(device=self.chat.device).manual_seed(seed)
 
+        unfinished = {id(job): len(job.replies) for job in batch}
+
         def on_text(row: int, piece: str) -> None:
             job, choice = owner[row]
             if job.stream:
                 job.send(("text", choice, piece))
 
+        def on_end(row: int) -> None:  # a request is answered when its rows are, not when the batch is
+            job, _ = owner[row]
+            unfinished[id(job)] -= 1
+            if not unfinished[id(job)]:
+                job.send(("done",))
+
         try:
             self.chat.generate([job.prompt for job in batch], replies, prompt_of_row, batch[0].temperature,
-                               batch[0].top_p, generator, on_text)
+                               batch[0].top_p, generator, on_text, on_end)
         except Exception as error:  # the requests fail, the server goes on
             for job in batch:
-                job.send(("error", f"{type(error).__name__}: {error}"))
+                if unfinished[id(job)]:
+                    job.send(("error", f"{type(error).__name__}: {error}"))
             return
         self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
-        for job in batch:
-            job.send(("done",))
+        for job in batch:  # rows cancelled by a client that left end without on_end
+            if unfinished[id(job)]:
+                job.send(("done",))
 
 
 def create_app(chat: ChatModel, config: ServeConfig):
