@@ -20,8 +20,8 @@ from instrugo import runio
 from instrugo.cli import app
 from instrugo.generation import SamplingConfig, decode, encode_prompts, pad_batch, sample_responses
 from instrugo.runio import InputError
-from instrugo.serve import (Batcher, ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
-                            newest_policy, server_sent_events)
+from instrugo.serve import (Batcher, BatchLimits, ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
+                            newest_policy, server_sent_events, stop_prefix_length)
 
 EOS = 0
 
@@ -42,9 +42,21 @@ def feed(reply: Reply, tokens: list[int]) -> list[str]:
 
 def test_reply_holds_back_a_possible_stop_string_and_cuts_before_it():
     reply = Reply(BytesTokenizer(), max_tokens=10, stop=["STOP"])
-    # Up to len("STOP") - 1 = 3 trailing characters wait until they cannot start "STOP".
-    assert feed(reply, [1, 2, 3, 4]) == ["", "He", "llo", " "]
+    # "ST" waits: it may be the start of "STOP" (it is).
+    assert feed(reply, [1, 2, 3, 4]) == ["Hel", "lo", " ", ""]
     assert reply.text == "Hello " and reply.finish_reason == "stop" and reply.tokens == [1, 2, 3, 4]
+
+
+def test_reply_releases_a_false_start_of_a_stop_string():
+    reply = Reply(BytesTokenizer(), max_tokens=10, stop=["STOP", "lo!"])
+    # "l", "lo" might start "lo!" and "ST" "STOP": each waits until the next token shows it does not.
+    assert feed(reply, [1, 2, 3, 5, 8]) == ["He", "l", "lo ", "ST caf", "!"]
+    assert reply.finish_reason is None and reply.text == "Hello ST caf!"
+
+
+def test_stop_prefix_length():
+    assert [stop_prefix_length(text, ["STOP", "lo!"]) for text in ("", "x", "xS", "xST", "xSTO", "xSTOP", "hel", "hello")] \
+        == [0, 0, 1, 2, 3, 0, 1, 2]
 
 
 def test_reply_waits_for_a_character_split_across_tokens():
@@ -55,10 +67,10 @@ def test_reply_waits_for_a_character_split_across_tokens():
 
 def test_reply_ends_at_eos_or_its_length_and_releases_what_it_held():
     at_eos = Reply(BytesTokenizer(), max_tokens=10, stop=["STOP"])
-    assert feed(at_eos, [1, 2, EOS]) == ["", "He", "llo"]
+    assert feed(at_eos, [1, 2, EOS]) == ["Hel", "lo", ""]
     assert (at_eos.text, at_eos.finish_reason, at_eos.tokens) == ("Hello", "stop", [1, 2, EOS])
     at_length = Reply(BytesTokenizer(), max_tokens=2, stop=["STOP"])
-    assert feed(at_length, [1, 2]) == ["", "Hello"]
+    assert feed(at_length, [1, 2]) == ["Hel", "lo"]
     assert at_length.finish_reason == "length"
     cancelled = Reply(BytesTokenizer(), max_tokens=10)
     cancelled.cancel()
@@ -125,16 +137,24 @@ def test_fitted_history_leaves_out_the_oldest_pairs_and_keeps_the_newest_message
     assert fitted_history(CharacterChat(), system, turns, max_new_tokens=15) == ([0] * 6, 4)  # too long: the caller says so
 
 
-def test_decode_batches_groups_equal_settings_up_to_the_row_limit():
-    def job(rows, temperature=0.0, seed=None):
-        return Job([1], [None] * rows, temperature, 0.9, seed, False, None)
+def test_decode_batches_groups_equal_settings_within_the_limits():
+    def job(rows, temperature=0.0, seed=None, prompt=2, max_tokens=4):
+        return Job([1] * prompt, [Reply(BytesTokenizer(), max_tokens) for _ in range(rows)], temperature, 0.9, seed,
+                   False, None)
 
-    a, b, c, d = job(2), job(2), job(1, temperature=0.7), job(3)
-    seeded, e = job(1, seed=5), job(1)
-    assert decode_batches([a, b, c, d, seeded, e], max_rows=4) == [[a, b], [d, e], [c], [seeded]]
+    four_rows = BatchLimits(rows=4, cached_tokens=10**6, context=100)
+    a, b, c, d = job(2), job(2), job(1, temperature=0.7), job(2)
+    seeded, e, greedy_seeded = job(1, temperature=0.7, seed=5), job(1), job(1, seed=5)
+    assert decode_batches([a, b, c, d, seeded, e, greedy_seeded], four_rows) == [[a, b], [d, e, greedy_seeded], [c], [seeded]]
     big = job(6)
-    assert decode_batches([a, big, b], max_rows=4) == [[a], [big], [b]]
-    assert job(1, temperature=0.0).top_p == 1.0  # greedy ignores top-p, so greedy jobs always share a decode
+    assert decode_batches([a, big, b], four_rows) == [[a], [big], [b]]
+    assert (greedy_seeded.top_p, greedy_seeded.seed) == (1.0, None)  # greedy draws nothing: it batches like any greedy job
+    # Cached tokens: rows x (longest prompt + longest reply); context: each prompt + the longest reply.
+    short, long_prompt, long_reply = job(1, prompt=10), job(1, prompt=40), job(1, max_tokens=60)
+    assert decode_batches([short, long_prompt], BatchLimits(4, 2 * 44, 100)) == [[short, long_prompt]]
+    assert decode_batches([short, long_prompt], BatchLimits(4, 2 * 44 - 1, 100)) == [[short], [long_prompt]]
+    assert decode_batches([long_prompt, long_reply], BatchLimits(4, 10**6, 100)) == [[long_prompt, long_reply]]
+    assert decode_batches([long_prompt, long_reply], BatchLimits(4, 10**6, 99)) == [[long_prompt], [long_reply]]
 
 
 class ImmediateLoop:
@@ -162,9 +182,32 @@ def test_a_request_is_answered_when_its_rows_end_not_when_the_batch_does():
             on_text(1, "b")
             on_end(1)
 
-    Batcher(ScriptedChat(), 4, 0.0, 0)._decode([short, long], 0)
+    Batcher(ScriptedChat(), BatchLimits(4, 10**6, 100), 0.0, 0, 8)._decode([short, long])
     assert seen == {"short": [("text", 0, "a"), ("done",)], "long": []}
     assert events(long) == [("text", 0, "b"), ("done",)] and events(short) == []
+
+
+def test_stopping_fails_the_queued_requests_and_cancels_the_running_one():
+    running = threading.Event()
+
+    class BlockingChat:
+        device = "cpu"
+
+        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
+            running.set()
+            while not all(reply.finish_reason == "cancelled" for reply in replies):
+                time.sleep(0.01)
+
+    batcher = Batcher(BlockingChat(), BatchLimits(1, 10**6, 100), 0.0, 0, max_queued=1)
+    first, second, third = (Job([1], [Reply(BytesTokenizer(), 9)], 0.0, 1.0, None, False, ImmediateLoop())
+                            for _ in range(3))
+    batcher.start()
+    assert batcher.submit(first) and running.wait(10)
+    assert batcher.submit(second) and not batcher.submit(third)  # one may wait; the next gets a 503
+    batcher.stop(timeout_s=10)
+    assert not batcher.thread.is_alive()
+    assert second.events.get_nowait() == ("error", "the server is shutting down")
+    assert first.cancelled and first.events.get_nowait() == ("done",)
 
 
 def test_cancelled_stream_cancels_its_rows():
@@ -199,7 +242,7 @@ def stream_text(client, **body) -> tuple[str, list[dict]]:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    text = "".join(choice["delta"].get("content", "") for chunk in chunks for choice in chunk["choices"])
+    text = "".join(choice["delta"].get("content", "") for chunk in chunks for choice in chunk.get("choices", []))
     return text, chunks
 
 
@@ -218,7 +261,7 @@ def test_api_answers_as_the_evaluation_samples_and_streams_the_same_text(tiny_ch
         assert reply["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(sampled.token_ids),
                                   "total_tokens": prompt_tokens + len(sampled.token_ids)}
 
-        text, chunks = stream_text(client, max_tokens=12, temperature=1.0, seed=0)
+        text, chunks = stream_text(client, max_tokens=12, temperature=1.0, seed=0, stream_options={"include_usage": True})
         assert text == content
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
@@ -245,7 +288,7 @@ def test_api_sampling_seeds_and_choices(tiny_chat):
 
 
 def test_api_decodes_concurrent_requests_together(tiny_chat):
-    config = ServeConfig(policy="tiny", max_batch_rows=4, batch_window_ms=5000)
+    config = ServeConfig(policy="tiny", max_batch_rows=4, batch_window_ms=60_000)
     with TestClient(create_app(tiny_chat, config)) as client:
         replies = [None] * 3
         started = time.monotonic()
@@ -259,27 +302,77 @@ def test_api_decodes_concurrent_requests_together(tiny_chat):
             thread.start()
         for thread in threads:
             thread.join()
-        # 4 rows fill the batch: it went without waiting out the 5-second window.
-        assert time.monotonic() - started < 5
+        # 4 rows fill the batch: it went without waiting out the 60-second window.
+        assert time.monotonic() - started < 30
         assert [r.status_code for r in replies] == [200, 200, 200]
         assert [len(r.json()["choices"]) for r in replies] == [2, 1, 1]
         health = client.get("/health").json()
         assert (health["decodes"], health["rows"]) == (1, 4)
 
 
-def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat):
-    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny", api_key="secret"))) as client:
+def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_tokenizer):
+    three_rows = 3 * (len(encode_prompts(tiny_tokenizer, [MESSAGES])[0]) + 32)  # of the longest reply
+    config = ServeConfig(policy="tiny", api_key="secret", max_new_tokens=32, max_batch_rows=4, max_batch_tokens=three_rows)
+    with TestClient(create_app(tiny_chat, config)) as client:
         assert post(client).status_code == 401
+        client.headers["Authorization"] = "Bearer wrong"
         assert client.get("/v1/models").status_code == 401
         client.headers["Authorization"] = "Bearer secret"
         assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
-        too_long = post(client, max_tokens=tiny_chat.context)
-        assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
-        assert post(client, stop=["a", ""]).status_code == 400
-        assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
-        assert post(client, temperature=-1).status_code == 422
-        assert post(client, max_tokens=2).status_code == 200
+
+        def refused(status, param, **body):
+            response = client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+            error = response.json()["error"]
+            assert response.status_code == status and error["param"] == param, response.json()
+            assert error["type"] == "invalid_request_error" and error["message"]
+            return error["message"]
+
+        assert "at most 32" in refused(400, "max_tokens", max_tokens=33)
+        assert "at most 32" in refused(400, "max_tokens", max_completion_tokens=33)
+        assert "context" in refused(400, "messages", messages=[{"role": "user", "content": "x " * 3000}])
+        assert "max-batch-tokens" in refused(400, "n", n=4, max_tokens=32)
+        assert post(client, n=3, max_tokens=32).status_code == 200
+        refused(400, "stop", stop=["a", ""])
+        refused(400, "messages", messages=[])
+        refused(400, "temperature", temperature=-1)
+        refused(400, "n", n=5)
+        refused(400, "seed", seed=2**64)  # past what a generator takes: refused, not a dead decode thread
+        assert "only text" in refused(400, "messages", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+        assert client.get("/no/such/path").json()["error"]["message"] == "Not Found"
+        # OpenAI's other message forms: text parts, a developer message, an assistant turn without content.
+        ok = post(client, max_tokens=2, messages=[{"role": "developer", "content": "Be brief."},
+                                                   {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                                   {"role": "assistant", "content": None},
+                                                   {"role": "user", "content": "Again"}])
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
         assert client.get("/health").json()["status"] == "ok"  # open: no key needed
+
+
+def test_a_failing_decode_fails_its_request_and_the_server_goes_on(tiny_chat, monkeypatch):
+    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny"))) as client:
+        real = tiny_chat.generate
+        monkeypatch.setattr(tiny_chat, "generate", lambda *args, **kwargs: 1 / 0)
+        failed = post(client, max_tokens=4)
+        assert failed.status_code == 500 and "ZeroDivisionError" in failed.json()["error"]["message"]
+        assert failed.json()["error"]["type"] == "server_error"
+        _, chunks = stream_text(client, max_tokens=4)
+        assert "ZeroDivisionError" in chunks[-1]["error"]["message"]
+        monkeypatch.setattr(tiny_chat, "generate", real)
+        assert post(client, max_tokens=4).status_code == 200
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_api_streams_each_choice_and_the_usage_when_asked(tiny_chat):
+    with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny"))) as client:
+        whole = post(client, max_tokens=6, temperature=1.0, seed=9, n=2).json()
+        _, chunks = stream_text(client, max_tokens=6, temperature=1.0, seed=9, n=2,
+                                stream_options={"include_usage": True})
+        for index, choice in enumerate(whole["choices"]):
+            text = "".join(c["delta"].get("content", "") for chunk in chunks for c in chunk["choices"] if c["index"] == index)
+            assert text == choice["message"]["content"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        _, without = stream_text(client, max_tokens=6, temperature=1.0, seed=9)
+        assert all("usage" not in chunk for chunk in without)  # OpenAI sends it only when asked
 
 
 def test_chat_command_talks_resets_and_exits(tmp_path):

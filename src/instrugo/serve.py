@@ -20,8 +20,8 @@ that may still turn out to be the start of a `stop` string is held back until it
 # No `from __future__ import annotations`: FastAPI reads the route annotations.
 import asyncio
 import contextlib
-import itertools
 import json
+import logging
 import queue
 import secrets
 import sys
@@ -39,6 +39,7 @@ from instrugo.config import option, require
 from instrugo.generation import decode, encode_prompts, pad_batch
 from instrugo.runio import InputError, is_complete
 
+log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "chat_page"
 # The page's text comes from a model: scripts and styles only from this origin, so injected markup stays inert.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; "
@@ -52,7 +53,7 @@ class GenerationSettings:
     """What both commands share: the policy and how it samples."""
 
     policy: str = option("runs/demo", POLICY_HELP)
-    max_new_tokens: int = option(256, "Reply length limit in tokens (the server's default max_tokens).")
+    max_new_tokens: int = option(256, "Reply length limit in tokens (the server's default and largest max_tokens).")
     temperature: float = option(0.0, "Sampling temperature (0 = greedy, as `instrugo eval` judged the policies).")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     precision: str = option("auto", "auto (probe bf16 speed), bf16 or fp32.")
@@ -78,6 +79,9 @@ class ServeConfig(GenerationSettings):
     host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = option(8001, "TCP port.")
     max_batch_rows: int = option(32, "Most rows (responses) decoded together.")
+    max_batch_tokens: int = option(32768, "Most cached tokens per decode, rows x (longest prompt + longest reply): "
+                                          "bounds its KV cache (~1.5 GB for the default model in fp32).")
+    max_queued: int = option(256, "Requests waiting beyond this get 503 (try again).")
     batch_window_ms: float = option(20.0, "How long the first request of a batch waits for others to join it.")
     api_key: str = option("", "Require `Authorization: Bearer KEY` on the API ('' = open; set it before "
                               "listening beyond this machine).")
@@ -85,6 +89,8 @@ class ServeConfig(GenerationSettings):
     def validate(self) -> None:
         super().validate()
         require(self.max_batch_rows >= 1, "max_batch_rows", "must be at least 1")
+        require(self.max_batch_tokens >= 1, "max_batch_tokens", "must be at least 1")
+        require(self.max_queued >= 1, "max_queued", "must be at least 1")
         require(self.batch_window_ms >= 0, "batch_window_ms", "must be at least 0")
         require(0 < self.port < 65536, "port", "must be 1..65535")
 
@@ -109,6 +115,18 @@ def newest_policy(policy: str) -> str:
     raise InputError(path, "a run directory with no finished policy yet (sft/ or roundN/ppo*/)")
 
 
+def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """How many of `text`'s last characters some stop string begins with (0: none), e.g. 2 for "...ST"
+    and "STOP": text that may still turn out to be part of a stop string."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest
+
+
 class Reply:
     """One generated response as text: decoded as its tokens arrive, ended by EOS, by its first `stop`
     string (cut before it) or by `max_tokens`, and released in pieces that end neither inside a character
@@ -116,11 +134,10 @@ class Reply:
 
     def __init__(self, tokenizer, max_tokens: int, stop: Sequence[str] = ()):
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, tuple(stop)
-        self.holdback = max(map(len, self.stop), default=1) - 1
         self.tokens: list[int] = []  # as sampled, EOS included
         self.text = ""
         self.released = 0            # characters of `text` already released
-        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" (client left), "interrupted" (Ctrl-C)
 
     def add(self, token: int, eos_id: int) -> str:
         """Take the next sampled token; return the text it releases (often '')."""
@@ -137,7 +154,8 @@ class Reply:
                 self.finish_reason = "length"
         end = len(self.text)
         if self.finish_reason is None:  # a trailing U+FFFD is a character whose bytes have not all come yet
-            end = len(self.text.rstrip("\ufffd")) - self.holdback
+            end = len(self.text.rstrip("\ufffd"))
+            end -= stop_prefix_length(self.text[:end], self.stop)
         piece = self.text[self.released:end]
         self.released = max(self.released, end)
         return piece
@@ -257,9 +275,12 @@ def run_chat(config: ChatConfig) -> None:
                 print(f"(the oldest {dropped} messages no longer fit the context; left out)")
             reply = Reply(chat.tokenizer, min(config.max_new_tokens, room))
             print("assistant> ", end="", flush=True)
-            chat.generate([prompt], [reply], [0], config.temperature, config.top_p, generator,
-                          on_text=lambda row, piece: print(piece, end="", flush=True))
-            print(" [cut at --max-new-tokens]" if reply.finish_reason == "length" else "")
+            try:
+                chat.generate([prompt], [reply], [0], config.temperature, config.top_p, generator,
+                              on_text=lambda row, piece: print(piece, end="", flush=True))
+            except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
+                reply.finish_reason = "interrupted"
+            print({"length": " [cut at --max-new-tokens]", "interrupted": " [stopped]"}.get(reply.finish_reason, ""))
             turns.append({"role": "assistant", "content": reply.text})
     finally:
         chat.close()
@@ -268,32 +289,62 @@ def run_chat(config: ChatConfig) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The HTTP server
 
+# How often a handler waiting for a non-streamed answer checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+
 
 class Job:
-    """A request in the decode queue: its prompt, one Reply per choice, and the event queue its handler
-    reads (filled from the decode thread through the handler's event loop)."""
+    """A request in the decode queue: its prompt, one Reply per choice (all with the same max_tokens), and
+    the event queue its handler reads, filled from the decode thread through the handler's event loop."""
 
     def __init__(self, prompt: list[int], replies: list[Reply], temperature: float, top_p: float,
-                 seed: int | None, stream: bool, loop: asyncio.AbstractEventLoop):
-        self.prompt, self.replies, self.stream, self.seed = prompt, replies, stream, seed
+                 seed: int | None, stream: bool, loop):
+        self.prompt, self.replies, self.stream = prompt, replies, stream
         self.temperature, self.top_p = temperature, (top_p if temperature > 0 else 1.0)
+        self.seed = seed if temperature > 0 else None  # greedy decoding draws nothing
+        self.max_tokens = replies[0].max_tokens
         self.loop, self.events = loop, asyncio.Queue()
 
     def send(self, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the handler's event loop has closed: nobody is waiting
+            pass
 
     def cancel(self) -> None:
         for reply in self.replies:
             reply.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return all(reply.finish_reason == "cancelled" for reply in self.replies)
 
     def batch_key(self) -> tuple:
         """Jobs decoded together sample alike; a seeded job is decoded alone, so its seed decides it."""
         return (self.temperature, self.top_p, id(self) if self.seed is not None else None)
 
 
-def decode_batches(jobs: list[Job], max_rows: int) -> list[list[Job]]:
-    """Jobs in decodes: those of equal `batch_key` together, in arrival order, up to `max_rows` rows per
-    decode (a job with more rows than that is decoded alone)."""
+@dataclass
+class BatchLimits:
+    """What one decode may hold: rows, cached tokens (rows x (longest prompt + longest reply): its KV
+    cache), and every row's prompt plus the batch's longest reply within the model's context (a row that
+    has ended keeps its place, and its positions go on, until the batch drops it)."""
+
+    rows: int
+    cached_tokens: int
+    context: int
+
+    def fit(self, batch: list[Job]) -> bool:
+        rows = sum(len(job.replies) for job in batch)
+        longest_reply = max(job.max_tokens for job in batch)
+        width = max(len(job.prompt) for job in batch) + longest_reply
+        return (rows <= self.rows and rows * width <= self.cached_tokens
+                and all(len(job.prompt) + longest_reply <= self.context for job in batch))
+
+
+def decode_batches(jobs: list[Job], limits: BatchLimits) -> list[list[Job]]:
+    """Jobs in decodes: those of equal `batch_key` together, in arrival order, each decode within `limits`
+    (a job that does not fit with others is decoded alone)."""
     batches: list[list[Job]] = []
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
@@ -301,7 +352,7 @@ def decode_batches(jobs: list[Job], max_rows: int) -> list[list[Job]]:
     for group in groups.values():
         batch: list[Job] = []
         for job in group:
-            if batch and sum(len(j.replies) for j in batch) + len(job.replies) > max_rows:
+            if batch and not limits.fit(batch + [job]):
                 batches.append(batch)
                 batch = []
             batch.append(job)
@@ -310,29 +361,49 @@ def decode_batches(jobs: list[Job], max_rows: int) -> list[list[Job]]:
 
 
 class Batcher:
-    """The one thread that decodes: it takes jobs from a queue, gathers those that arrive within the window
-    (or are already waiting) and decodes them in batches. Counts what it ran, for /health."""
+    """The one thread that decodes: it takes jobs from a bounded queue, gathers those that arrive within the
+    window (or are already waiting) and decodes them in batches. A failing decode fails its requests, never
+    the thread. Counts what it ran, for /health."""
 
-    def __init__(self, chat: ChatModel, max_rows: int, window_s: float, seed: int):
-        self.chat, self.max_rows, self.window_s, self.seed = chat, max_rows, window_s, seed
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.decodes = self.rows = 0
+    def __init__(self, chat: ChatModel, limits: BatchLimits, window_s: float, seed: int, max_queued: int):
+        self.chat, self.limits, self.window_s, self.seed = chat, limits, window_s, seed
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
+        self.decodes = self.rows = self.started = 0
+        self.closing = False
+        self.running: list[Job] = []
         self.thread = threading.Thread(target=self._work, name="instrugo-decode", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+    def submit(self, job: Job) -> bool:
+        """Queue `job`; False when the queue is full."""
+        try:
+            self.jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
 
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Fail the queued requests, cancel the running ones, and end the thread."""
+        self.closing = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                job.send(("error", "the server is shutting down"))
+        for job in list(self.running):
+            job.cancel()
+        self.jobs.put(None)
+        self.thread.join(timeout_s)
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` and what joins it before the window closes or the batch is full; and whether to stop."""
+        """`first` and what joins it before the window closes or the rows are full; and whether to stop."""
         jobs, deadline = [first], time.monotonic() + self.window_s
-        while sum(len(job.replies) for job in jobs) < self.max_rows:
+        while sum(len(job.replies) for job in jobs) < self.limits.rows:
             remaining = deadline - time.monotonic()
             try:
                 job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
@@ -344,23 +415,24 @@ class Batcher:
         return jobs, False
 
     def _work(self) -> None:
-        for number in itertools.count():
+        while True:
             first = self.jobs.get()
             if first is None:
                 return
             jobs, stopping = self._gather(first)
-            for batch in decode_batches(jobs, self.max_rows):
-                self._decode(batch, number)
+            for batch in decode_batches([job for job in jobs if not job.cancelled], self.limits):
+                self._decode(batch)
             if stopping:
                 return
 
-    def _decode(self, batch: list[Job], number: int) -> None:
+    def _decode(self, batch: list[Job]) -> None:
+        if self.closing:
+            for job in batch:
+                job.send(("error", "the server is shutting down"))
+            return
         replies = [reply for job in batch for reply in job.replies]
         owner = [(job, choice) for job in batch for choice in range(len(job.replies))]
         prompt_of_row = [index for index, job in enumerate(batch) for _ in job.replies]
-        seed = batch[0].seed if batch[0].seed is not None else self.seed * 1_000_003 + number
-        generator = torch.Generator(device=self.chat.device).manual_seed(seed)
-
         unfinished = {id(job): len(job.replies) for job in batch}
 
         def on_text(row: int, piece: str) -> None:
@@ -374,29 +446,51 @@ class Batcher:
             if not unfinished[id(job)]:
                 job.send(("done",))
 
+        self.running, self.started = batch, self.started + 1
         try:
+            # Each decode draws from its own stream; a seeded job (decoded alone) from its seed's.
+            seed = batch[0].seed if batch[0].seed is not None else self.seed * 1_000_003 + self.started
+            generator = torch.Generator(device=self.chat.device).manual_seed(seed)
             self.chat.generate([job.prompt for job in batch], replies, prompt_of_row, batch[0].temperature,
                                batch[0].top_p, generator, on_text, on_end)
-        except Exception as error:  # the requests fail, the server goes on
+        except Exception as error:  # these requests fail; the server goes on
+            log.exception("decode failed")
             for job in batch:
                 if unfinished[id(job)]:
-                    job.send(("error", f"{type(error).__name__}: {error}"))
-            return
-        self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
+                    unfinished[id(job)] = 0
+                    job.send(("error", f"generation failed: {type(error).__name__}: {error}"))
+        else:
+            self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
+        finally:
+            self.running = []
         for job in batch:  # rows cancelled by a client that left end without on_end
             if unfinished[id(job)]:
                 job.send(("done",))
 
 
+def message_text(content: str | list[dict] | None) -> str:
+    """A message's content as text: a string, a list of text parts (joined by newlines), or none. Other
+    parts (images, audio) are a ValueError: this is a text model."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = [part.get("text") for part in content if part.get("type") == "text"]
+    if len(texts) < len(content) or not all(isinstance(text, str) for text in texts):
+        raise ValueError("only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
+    return "\n".join(texts)
+
+
 def create_app(chat: ChatModel, config: ServeConfig):
     """The ASGI app (`instrugo serve` runs it with uvicorn; tests call it directly). Starts the decode thread
-    on startup and stops it on shutdown."""
+    on startup and stops it on shutdown. Errors come in OpenAI's shape: {"error": {"message", "type", ...}}."""
     from fastapi import Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    batcher = Batcher(chat, config.max_batch_rows, config.batch_window_ms / 1000, config.seed)
+    limits = BatchLimits(config.max_batch_rows, config.max_batch_tokens, chat.context)
+    batcher = Batcher(chat, limits, config.batch_window_ms / 1000, config.seed, config.max_queued)
     model_name = chat.path
 
     @contextlib.asynccontextmanager
@@ -405,10 +499,25 @@ def create_app(chat: ChatModel, config: ServeConfig):
         try:
             yield
         finally:
-            batcher.stop()
+            await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="instrugo", lifespan=lifespan)
     bearer = HTTPBearer(auto_error=False)
+
+    def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+        kind = "server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                            status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first.get("loc", ())[1:])
+        return error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param or None)
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if config.api_key and (credentials is None
@@ -416,8 +525,11 @@ def create_app(chat: ChatModel, config: ServeConfig):
             raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY)")
 
     class Message(BaseModel):
-        role: Literal["system", "user", "assistant"]
-        content: str
+        role: Literal["system", "developer", "user", "assistant"]
+        content: str | list[dict] | None = None
+
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
 
     class ChatRequest(BaseModel):
         """OpenAI's chat-completions request; fields it has and this server does not use are ignored."""
@@ -430,13 +542,9 @@ def create_app(chat: ChatModel, config: ServeConfig):
         max_completion_tokens: int | None = Field(None, ge=1)
         n: int = Field(1, ge=1, le=config.max_batch_rows)
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
         stream: bool = False
-
-    @app.exception_handler(HTTPException)
-    async def openai_error(request: Request, error: HTTPException):
-        return JSONResponse({"error": {"message": error.detail, "type": "invalid_request_error"}},
-                            status_code=error.status_code)
+        stream_options: StreamOptions | None = None
 
     @app.get("/")
     def page():
@@ -452,43 +560,56 @@ def create_app(chat: ChatModel, config: ServeConfig):
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "policy": model_name, "decodes": batcher.decodes, "rows": batcher.rows,
-                "queued": batcher.jobs.qsize()}
+        alive = batcher.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "down", "policy": model_name, "decodes": batcher.decodes,
+                             "rows": batcher.rows, "queued": batcher.jobs.qsize()}, status_code=200 if alive else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     def list_models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "instrugo"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or not all(stop):
-            raise HTTPException(400, "stop: at most 4 non-empty strings")
-        prompt = chat.encode([m.model_dump() for m in body.messages])
-        room = chat.room(prompt)
+            return error(400, "stop: at most 4 non-empty strings", "stop")
+        try:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)}
+                        for m in body.messages]
+        except ValueError as failure:
+            return error(400, f"messages: {failure}", "messages")
+        try:  # off the event loop: a long conversation takes a while to tokenize
+            prompt = await asyncio.to_thread(chat.encode, messages)
+        except Exception as failure:  # a chat template may reject a conversation (e.g. roles out of order)
+            return error(400, f"messages: the chat template refused them: {failure}", "messages")
         wanted = body.max_completion_tokens or body.max_tokens
-        if room <= 0 or (wanted is not None and wanted > room):
-            raise HTTPException(400, f"the messages are {len(prompt)} tokens; with max_tokens {wanted} that is "
-                                     f"more than the model's context of {chat.context} tokens")
-        max_tokens = wanted or min(config.max_new_tokens, room)
+        if wanted is not None and wanted > config.max_new_tokens:
+            return error(400, f"max_tokens: at most {config.max_new_tokens} on this server (--max-new-tokens)",
+                         "max_tokens")
+        max_tokens = wanted or config.max_new_tokens
+        if len(prompt) + max_tokens > chat.context:
+            return error(400, f"messages: {len(prompt)} tokens, plus {max_tokens} for the reply, are more than "
+                              f"the model's context of {chat.context} tokens", "messages")
         temperature = config.temperature if body.temperature is None else body.temperature
         top_p = config.top_p if body.top_p is None else body.top_p
         replies = [Reply(chat.tokenizer, max_tokens, stop) for _ in range(body.n)]
         job = Job(prompt, replies, temperature, top_p, body.seed, body.stream, asyncio.get_running_loop())
-        batcher.submit(job)
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": reply_id, "created": created, "model": model_name}
+        if not limits.fit([job]):
+            return error(400, f"n x (prompt + max_tokens) = {body.n} x {len(prompt) + max_tokens} tokens is more "
+                              f"than one decode holds here (--max-batch-tokens {config.max_batch_tokens})", "n")
+        if not batcher.submit(job):
+            return error(503, f"{config.max_queued} requests are waiting already; try again shortly",
+                         headers={"Retry-After": "5"})
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
-            return StreamingResponse(server_sent_events(job, head), media_type="text/event-stream")
-        try:
-            event = await job.events.get()
-            while event[0] == "text":
-                event = await job.events.get()
-        except asyncio.CancelledError:  # the client went away
-            job.cancel()
-            raise
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(server_sent_events(job, head, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        event = await answer(job, request)
+        if event is None:
+            return Response(status_code=499)  # nobody is there to read it
         if event[0] == "error":
-            raise HTTPException(500, event[1])
+            return error(500, event[1])
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": reply.text},
                              "finish_reason": reply.finish_reason} for i, reply in enumerate(replies)],
@@ -497,15 +618,28 @@ def create_app(chat: ChatModel, config: ServeConfig):
     return app
 
 
+async def answer(job: Job, request) -> tuple | None:
+    """The event that ends a non-streamed job ("done" or "error"), or None if its client left first (then
+    its rows are cancelled: the decode stops spending steps on them)."""
+    getter = asyncio.ensure_future(job.events.get())
+    while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            getter.cancel()
+            job.cancel()
+            return None
+    return getter.result()
+
+
 def usage(job: Job) -> dict:
     completion = sum(len(reply.tokens) for reply in job.replies)
     return {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
             "total_tokens": len(job.prompt) + completion}
 
 
-async def server_sent_events(job: Job, head: dict):
-    """OpenAI's stream: a chunk opening each choice, chunks of text as it comes, a chunk per choice with
-    its finish reason, one with the usage, then [DONE]. A client that leaves cancels the job's rows."""
+async def server_sent_events(job: Job, head: dict, include_usage: bool = False):
+    """OpenAI's stream: a chunk opening each choice, chunks of text as it comes, a chunk per choice with its
+    finish reason, with `include_usage` one with the usage, then [DONE]. A client that leaves (the response
+    is cancelled) cancels the job's rows."""
     def chunk(choices: list[dict], **extra) -> str:
         return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
 
@@ -524,7 +658,8 @@ async def server_sent_events(job: Job, head: dict):
             else:
                 yield chunk([{"index": i, "delta": {}, "finish_reason": reply.finish_reason}
                              for i, reply in enumerate(job.replies)])
-                yield chunk([], usage=usage(job))
+                if include_usage:
+                    yield chunk([], usage=usage(job))
             yield "data: [DONE]\n\n"
             return
     finally:
@@ -540,6 +675,7 @@ def run_serve(config: ServeConfig) -> None:
           f"/v1/chat/completions; precision {models.describe_precision(chat.precision)}"
           + ("" if config.api_key else "; no API key set"), file=sys.stderr)
     try:
-        uvicorn.run(create_app(chat, config), host=config.host, port=config.port, log_level="warning")
+        uvicorn.run(create_app(chat, config), host=config.host, port=config.port, log_level="warning",
+                    timeout_graceful_shutdown=10)
     finally:
         chat.close()

@@ -7,6 +7,7 @@ const form = document.getElementById("composer");
 const input = document.getElementById("message");
 const sendButton = document.getElementById("send");
 let messages = [];
+let inFlight = null;  // the AbortController of the reply being streamed
 
 function addTurn(kind, text) {
   const turn = document.createElement("div");
@@ -27,10 +28,12 @@ async function send(text) {
   addTurn("user", text);
   const turn = addTurn("assistant", "");
   sendButton.disabled = true;
-  let reply = "", finish = null;
+  const controller = new AbortController();
+  inFlight = controller;
+  let reply = "", finish = null, complete = false;
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(),
+      method: "POST", headers: headers(), signal: controller.signal,
       body: JSON.stringify({messages: messages, stream: true,
                             temperature: Number(document.getElementById("temperature").value),
                             max_tokens: Number(document.getElementById("max-tokens").value)}),
@@ -50,7 +53,7 @@ async function send(text) {
       buffered = events.pop();
       for (const event of events) {
         const data = event.replace(/^data: /, "");
-        if (data === "[DONE]") continue;
+        if (data === "[DONE]") { complete = true; continue; }
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
@@ -60,13 +63,18 @@ async function send(text) {
         turn.textContent = reply;
       }
     }
+    if (!complete) throw new Error("the reply was cut off (connection lost)");
     messages.push({role: "assistant", content: reply});
     if (finish === "length") addTurn("note", "(cut at max tokens)");
   } catch (error) {
+    if (controller.signal.aborted) return;  // "New chat" while it streamed: that conversation is gone
     messages.pop();
-    addTurn("note", "error: " + error.message);
+    addTurn("note", "error: " + error.message + " (that message is not part of the conversation)");
   } finally {
-    sendButton.disabled = false;
+    if (inFlight === controller) {
+      inFlight = null;
+      sendButton.disabled = false;
+    }
   }
 }
 
@@ -84,6 +92,9 @@ input.addEventListener("keydown", (event) => {
   }
 });
 document.getElementById("reset").addEventListener("click", () => {
+  if (inFlight) inFlight.abort();
+  inFlight = null;
+  sendButton.disabled = false;
   messages = [];
   transcript.replaceChildren();
 });
