@@ -38,9 +38,9 @@ def free_port() -> int:
 
 def ask(base: str, prompt: str) -> dict:
     """One streamed greedy request: seconds to the first text and to the end, completion tokens."""
-    started, first = time.perf_counter(), None
+    started, first, tokens = time.perf_counter(), None, None
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens, "temperature": 0,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -51,6 +51,8 @@ def ask(base: str, prompt: str) -> dict:
                 first = time.perf_counter() - started
             if "usage" in chunk:
                 tokens = chunk["usage"]["completion_tokens"]
+    if tokens is None:
+        raise SystemExit(f"no usage chunk in the answer to {prompt!r}")
     return {"first_text_s": first, "latency_s": time.perf_counter() - started, "tokens": tokens}
 
 

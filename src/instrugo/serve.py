@@ -10,11 +10,13 @@ with the linear weights packed once for the process instead of once per call. Te
 default: the responses `instrugo eval` judged.
 
 The server decodes on one thread. It gathers the requests that arrive within `batch_window_ms` of the first,
-and those that queued while the previous decode ran, into one decode of up to `max_batch_rows` rows: a
-decode step reads every weight once whatever the batch, so users served together cost little more than one.
-Requests with other sampling settings, or with a `seed` (which then gives the same response every time),
-are decoded apart. With `"stream": true` the text arrives as server-sent events while it is generated; text
-that may still turn out to be the start of a `stop` string is held back until it cannot.
+and those that queued while the previous decode ran, into one decode within `BatchLimits`: a decode step
+reads every weight once whatever the batch (8 clients were answered 2.1-2.7x as fast as one request at a
+time, docs/BENCHMARKS.md "Serving"). A decode is not joined once it runs. Requests with other sampling
+settings, or sampled with a `seed` (which then gives the same response every time), are decoded apart. A
+request is answered as soon as its own rows end. With `"stream": true` the text arrives as server-sent
+events while it is generated; text that may still turn out to be the start of a `stop` string is held back
+until it cannot.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations.
