@@ -239,6 +239,7 @@ def post(client, **body):
 def stream_text(client, **body) -> tuple[str, list[dict]]:
     with client.stream("POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": True, **body}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"  # no proxy holds the stream back
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -251,8 +252,8 @@ def test_api_answers_as_the_evaluation_samples_and_streams_the_same_text(tiny_ch
         reply = post(client, max_tokens=12, temperature=1.0, seed=0).json()
         [choice] = reply["choices"]
         assert reply["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
-        # A request with seed s alone draws as `sample_responses` does with seed s (its first batch's seed is
-        # s * 1_000_003 + 0): the same tokens, the same text.
+        # A request with seed 0 draws from a generator seeded with 0, as `sample_responses` with seed 0 does
+        # for its first batch (seed * 1_000_003 + 0): the same tokens, the same text.
         [[sampled]] = sample_responses(tiny_chat.model, tiny_tokenizer, [MESSAGES], config=SamplingConfig(12, 1.0), seed=0)
         content = choice["message"]["content"]
         assert content.strip() == sampled.text and len(set(content)) > 3
@@ -310,11 +311,14 @@ def test_api_decodes_concurrent_requests_together(tiny_chat):
         assert (health["decodes"], health["rows"]) == (1, 4)
 
 
-def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_tokenizer):
+def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_tokenizer, monkeypatch):
+    encoded = []
+    real_encode = tiny_chat.encode
+    monkeypatch.setattr(tiny_chat, "encode", lambda messages: encoded.append(messages) or real_encode(messages))
     three_rows = 3 * (len(encode_prompts(tiny_tokenizer, [MESSAGES])[0]) + 32)  # of the longest reply
     config = ServeConfig(policy="tiny", api_key="secret", max_new_tokens=32, max_batch_rows=4, max_batch_tokens=three_rows)
     with TestClient(create_app(tiny_chat, config)) as client:
-        assert post(client).status_code == 401
+        assert post(client).status_code == 401 and post(client).json()["error"]["type"] == "authentication_error"
         client.headers["Authorization"] = "Bearer wrong"
         assert client.get("/v1/models").status_code == 401
         client.headers["Authorization"] = "Bearer secret"
@@ -333,6 +337,7 @@ def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_token
         assert "max-batch-tokens" in refused(400, "n", n=4, max_tokens=32)
         assert post(client, n=3, max_tokens=32).status_code == 200
         refused(400, "stop", stop=["a", ""])
+        refused(400, "stop", stop=["x" * 257])
         refused(400, "messages", messages=[])
         refused(400, "temperature", temperature=-1)
         refused(400, "n", n=5)
@@ -345,6 +350,8 @@ def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_token
                                                    {"role": "assistant", "content": None},
                                                    {"role": "user", "content": "Again"}])
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+        assert encoded[-1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": ""}, {"role": "user", "content": "Again"}]
         assert client.get("/health").json()["status"] == "ok"  # open: no key needed
 
 
@@ -360,6 +367,51 @@ def test_a_failing_decode_fails_its_request_and_the_server_goes_on(tiny_chat, mo
         monkeypatch.setattr(tiny_chat, "generate", real)
         assert post(client, max_tokens=4).status_code == 200
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_dead_decode_thread_shows_in_health_and_refuses_requests(tiny_chat):
+    app = create_app(tiny_chat, ServeConfig(policy="tiny"))
+    with TestClient(app) as client:
+        app.state.batcher.jobs.put(None)  # the thread ends as if it had died
+        app.state.batcher.thread.join(10)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "down"
+        refused = post(client, max_tokens=2)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["type"] == "server_error"
+
+
+def test_a_non_streamed_request_whose_client_left_cancels_its_rows(monkeypatch):
+    import instrugo.serve
+
+    monkeypatch.setattr(instrugo.serve, "DISCONNECT_POLL_S", 0.01)
+
+    class LeftRequest:
+        async def is_disconnected(self):
+            return True
+
+    async def wait_for_nothing():
+        job = Job([1], [Reply(BytesTokenizer(), 4)], 0.0, 1.0, None, False, asyncio.get_running_loop())
+        return await instrugo.serve.answer(job, LeftRequest()), job.cancelled
+
+    assert asyncio.run(wait_for_nothing()) == (None, True)
+
+
+def test_each_decode_draws_from_its_own_stream_and_a_seeded_one_from_its_seed():
+    seeds = []
+
+    class RecordingChat:
+        device = "cpu"
+
+        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
+            seeds.append(generator.initial_seed())
+
+    batcher = Batcher(RecordingChat(), BatchLimits(4, 10**6, 100), 0.0, 7, 8)
+    for seed in (None, None, 12345):
+        batcher._decode([Job([1], [Reply(BytesTokenizer(), 4)], 1.0, 1.0, seed, False, ImmediateLoop())])
+    assert seeds[0] != seeds[1] and seeds[2] == 12345
+    with pytest.raises(InputError, match="seed"):
+        ServeConfig(seed=2**63).validate()
 
 
 def test_api_streams_each_choice_and_the_usage_when_asked(tiny_chat):
@@ -418,7 +470,7 @@ def test_chat_page_streams_a_reply_and_shows_text_as_text(tmp_path):
             page.goto(base + "/")
             expect(page.locator("#policy")).to_have_text("policy: tiny")
             page.fill("#temperature", "1")  # the tiny model's greedy reply is only newlines
-            page.fill("#max-tokens", "16")
+            expect(page.locator("#max-tokens")).to_have_value("16")  # the server's --max-new-tokens, not more
             page.fill("#message", message)
             with page.expect_response("**/v1/chat/completions") as streamed:
                 page.press("#message", "Enter")

@@ -65,6 +65,7 @@ class GenerationSettings:
         require(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
         require(self.temperature >= 0, "temperature", "must be at least 0")
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
 
 
 @dataclass
@@ -293,6 +294,8 @@ def run_chat(config: ChatConfig) -> None:
 
 # How often a handler waiting for a non-streamed answer checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
+# Longest stop string: each step checks every reply's text end against each stop's beginnings.
+MAX_STOP_CHARACTERS = 256
 
 
 class Job:
@@ -373,13 +376,16 @@ class Batcher:
         self.decodes = self.rows = self.started = 0
         self.closing = False
         self.running: list[Job] = []
+        self.lock = threading.Lock()  # `closing` and `running` change together: a batch never starts unseen by stop()
         self.thread = threading.Thread(target=self._work, name="instrugo-decode", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue `job`; False when the queue is full."""
+        """Queue `job`; False when the queue is full or nothing will decode it (stopping, or the thread died)."""
+        if self.closing or not self.thread.is_alive():
+            return False
         try:
             self.jobs.put_nowait(job)
             return True
@@ -388,7 +394,11 @@ class Batcher:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Fail the queued requests, cancel the running ones, and end the thread."""
-        self.closing = True
+        with self.lock:
+            self.closing = True
+            running = list(self.running)
+        for job in running:
+            job.cancel()
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -397,8 +407,6 @@ class Batcher:
             if job is not None:
                 job.cancel()
                 job.send(("error", "the server is shutting down"))
-        for job in list(self.running):
-            job.cancel()
         self.jobs.put(None)
         self.thread.join(timeout_s)
 
@@ -428,10 +436,15 @@ class Batcher:
                 return
 
     def _decode(self, batch: list[Job]) -> None:
-        if self.closing:
-            for job in batch:
-                job.send(("error", "the server is shutting down"))
-            return
+        with self.lock:
+            if self.closing:
+                for job in batch:
+                    job.send(("error", "the server is shutting down"))
+                return
+            batch = [job for job in batch if not job.cancelled]  # clients may have left while earlier batches ran
+            if not batch:
+                return
+            self.running, self.started = batch, self.started + 1
         replies = [reply for job in batch for reply in job.replies]
         owner = [(job, choice) for job in batch for choice in range(len(job.replies))]
         prompt_of_row = [index for index, job in enumerate(batch) for _ in job.replies]
@@ -448,10 +461,9 @@ class Batcher:
             if not unfinished[id(job)]:
                 job.send(("done",))
 
-        self.running, self.started = batch, self.started + 1
         try:
             # Each decode draws from its own stream; a seeded job (decoded alone) from its seed's.
-            seed = batch[0].seed if batch[0].seed is not None else self.seed * 1_000_003 + self.started
+            seed = batch[0].seed if batch[0].seed is not None else (self.seed * 1_000_003 + self.started) % 2**63
             generator = torch.Generator(device=self.chat.device).manual_seed(seed)
             self.chat.generate([job.prompt for job in batch], replies, prompt_of_row, batch[0].temperature,
                                batch[0].top_p, generator, on_text, on_end)
@@ -464,7 +476,8 @@ class Batcher:
         else:
             self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
         finally:
-            self.running = []
+            with self.lock:
+                self.running = []
         for job in batch:  # rows cancelled by a client that left end without on_end
             if unfinished[id(job)]:
                 job.send(("done",))
@@ -504,6 +517,7 @@ def create_app(chat: ChatModel, config: ServeConfig):
             await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="instrugo", lifespan=lifespan)
+    app.state.batcher = batcher
     bearer = HTTPBearer(auto_error=False)
 
     def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -514,6 +528,11 @@ def create_app(chat: ChatModel, config: ServeConfig):
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.exception("request failed")
+        return error(500, f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -564,7 +583,8 @@ def create_app(chat: ChatModel, config: ServeConfig):
     def health():
         alive = batcher.thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "down", "policy": model_name, "decodes": batcher.decodes,
-                             "rows": batcher.rows, "queued": batcher.jobs.qsize()}, status_code=200 if alive else 503)
+                             "rows": batcher.rows, "queued": batcher.jobs.qsize(), "max_new_tokens": config.max_new_tokens},
+                            status_code=200 if alive else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     def list_models():
@@ -573,8 +593,12 @@ def create_app(chat: ChatModel, config: ServeConfig):
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest, request: Request):
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or not all(stop):
-            return error(400, "stop: at most 4 non-empty strings", "stop")
+        if len(stop) > 4 or not all(0 < len(text) <= MAX_STOP_CHARACTERS for text in stop):
+            return error(400, f"stop: at most 4 strings of 1..{MAX_STOP_CHARACTERS} characters", "stop")
+        wanted = body.max_completion_tokens or body.max_tokens
+        if wanted is not None and wanted > config.max_new_tokens:
+            return error(400, f"max_tokens: at most {config.max_new_tokens} on this server (--max-new-tokens)",
+                         "max_tokens")
         try:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)}
                         for m in body.messages]
@@ -584,10 +608,6 @@ def create_app(chat: ChatModel, config: ServeConfig):
             prompt = await asyncio.to_thread(chat.encode, messages)
         except Exception as failure:  # a chat template may reject a conversation (e.g. roles out of order)
             return error(400, f"messages: the chat template refused them: {failure}", "messages")
-        wanted = body.max_completion_tokens or body.max_tokens
-        if wanted is not None and wanted > config.max_new_tokens:
-            return error(400, f"max_tokens: at most {config.max_new_tokens} on this server (--max-new-tokens)",
-                         "max_tokens")
         max_tokens = wanted or config.max_new_tokens
         if len(prompt) + max_tokens > chat.context:
             return error(400, f"messages: {len(prompt)} tokens, plus {max_tokens} for the reply, are more than "
@@ -600,8 +620,7 @@ def create_app(chat: ChatModel, config: ServeConfig):
             return error(400, f"n x (prompt + max_tokens) = {body.n} x {len(prompt) + max_tokens} tokens is more "
                               f"than one decode holds here (--max-batch-tokens {config.max_batch_tokens})", "n")
         if not batcher.submit(job):
-            return error(503, f"{config.max_queued} requests are waiting already; try again shortly",
-                         headers={"Retry-After": "5"})
+            return error(503, "the server is busy or stopping; try again shortly", headers={"Retry-After": "5"})
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -624,12 +643,17 @@ async def answer(job: Job, request) -> tuple | None:
     """The event that ends a non-streamed job ("done" or "error"), or None if its client left first (then
     its rows are cancelled: the decode stops spending steps on them)."""
     getter = asyncio.ensure_future(job.events.get())
-    while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S))[0]:
-        if await request.is_disconnected():
-            getter.cancel()
-            job.cancel()
-            return None
-    return getter.result()
+    try:
+        while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+        return getter.result()
+    except asyncio.CancelledError:  # the handler itself was cancelled (a forced shutdown)
+        job.cancel()
+        raise
+    finally:
+        getter.cancel()
 
 
 def usage(job: Job) -> dict:

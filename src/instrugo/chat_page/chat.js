@@ -100,6 +100,9 @@ document.getElementById("reset").addEventListener("click", () => {
 });
 fetch("/health").then((r) => r.json()).then((health) => {
   document.getElementById("policy").textContent = "policy: " + health.policy;
+  const maxTokens = document.getElementById("max-tokens");  // the server refuses more than its --max-new-tokens
+  maxTokens.max = health.max_new_tokens;
+  maxTokens.value = Math.min(Number(maxTokens.value) || health.max_new_tokens, health.max_new_tokens);
 }).catch(() => {
   document.getElementById("policy").textContent = "server unreachable";
 });
