@@ -187,14 +187,19 @@ def job_sft(job: dict) -> dict:
 def job_rm(job: dict) -> dict:
     from instrugo.reward import RewardConfig, reward_inputs, run_reward, shared_prefix_length, split_heldout
 
-    config = RewardConfig(model=job["model"], comparisons=[job["tasks"]], out=job["out"], lr=job["lr"],
+    # The held-out prompts are those of `split_seed` (TRL's pairs were expanded from the same training prompts),
+    # whatever seed trains: the job trains on that split's training tasks, in their order, holding out nothing more.
+    tasks = [t for t in read_tasks(job["tasks"]) if t.pairs()]
+    train, _ = split_heldout(tasks, job["heldout_fraction"], job.get("split_seed", job["seed"]))
+    train_file = Path(job["out"] + "-train.jsonl")
+    atomic_write_jsonl(train_file, task_rows(train))
+    config = RewardConfig(model=job["model"], comparisons=[str(train_file)], out=job["out"], lr=job["lr"],
                           prompts_per_batch=job["prompts_per_batch"], micro_batch_prompts=job["micro_batch_prompts"],
-                          max_length=job["max_length"], heldout_fraction=job["heldout_fraction"], normalize_data="",
+                          max_length=job["max_length"], heldout_fraction=0.0, normalize_data="",
                           precision=job["precision"], save_every=10**9, seed=job["seed"])
     run_reward(config)
     final = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r.get("final")][-1]
     tokenizer = models.load_tokenizer(job["model"])
-    train, _ = split_heldout([t for t in read_tasks(job["tasks"]) if t.pairs()], job["heldout_fraction"], job["seed"])
     # Tokens the model reads: each prompt's shared prefix once, then every response (reward.raw_scores).
     groups = [[reward_inputs(tokenizer, t.prompt, r, job["max_length"]) for r in t.responses] for t in train]
     tokens = sum(sum(map(len, g)) - (len(g) - 1) * shared_prefix_length(g) for g in groups)

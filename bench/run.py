@@ -45,7 +45,8 @@ class Settings:
     models: list[str]                 # models for SFT, RM and generation ('tiny' or 'default')
     ppo_models: list[str]             # PPO is measured at each of these
     repeats: int                      # PPO and generation jobs run this many times; the table shows medians
-    train_repeats: int = 1            # SFT and reward-model epochs (minutes each at the default model)
+    train_repeats: int = 1            # SFT epochs (minutes each at the default model)
+    rm_seeds: int = 1                 # reward-model epochs per side and lr, seeds seed, seed + 1, ...: rows show medians
     ppo_batch: int = 8                # episodes per update (one minibatch, one micro-batch)
     ppo_response_length: int = 32     # max new tokens per response
     ppo_updates: int = 3              # measured updates per run, after one warm-up update
@@ -140,8 +141,9 @@ class Harness:
         self.errors: list[str] = []
 
     def measure(self, side: str, name: str, job: dict, repeats: int | None = None,
-                env: dict[str, str] | None = None) -> list[dict]:
-        """Run a job `repeats` times on one side ('instrugo' or 'trl'); each run gets a fresh out dir."""
+                env: dict[str, str] | None = None, vary_seed: bool = False) -> list[dict]:
+        """Run a job `repeats` times on one side ('instrugo' or 'trl'); each run gets a fresh out dir, and with
+        `vary_seed` the job's seed plus its repeat number."""
         if side == "trl" and self.trl_python is None:
             return []
         python, script = (Path(sys.executable), "instrugo_jobs.py") if side == "instrugo" else (self.trl_python, "trl_jobs.py")
@@ -149,7 +151,8 @@ class Harness:
         for repeat in range(repeats or self.settings.repeats):
             label = f"{side}-{name}-{repeat}"
             print(f"bench: {label}", flush=True)
-            outcome = run_job(python, script, {**job, "out": str(self.workdir / label)}, self.workdir, label, env)
+            seed = {"seed": job["seed"] + repeat} if vary_seed else {}
+            outcome = run_job(python, script, {**job, **seed, "out": str(self.workdir / label)}, self.workdir, label, env)
             if outcome.result is None:
                 self.errors.append(outcome.error)
                 print(outcome.error, file=sys.stderr, flush=True)
@@ -270,11 +273,11 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
             common = {"kind": "rm", "model": inputs["model"], "pad_token": inputs["pad_token"], "lr": lr,
                       "max_length": s.max_length, "precision": precision, "seed": s.seed}
             ours_job = {**common, "tasks": data["tasks"], "prompts_per_batch": prompts_per_batch,
-                        "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction}
-            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", ours_job, s.train_repeats)
+                        "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction, "split_seed": s.seed}
+            ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", ours_job, s.rm_seeds, vary_seed=True)
             theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common, "pairs": data["pairs_trl"],
                                                                "pairs_per_batch": s.rm_sequences_per_forward // 2},
-                               s.train_repeats)
+                               s.rm_seeds, vary_seed=True)
             # Both models judged by instrugo's evaluator on the same tasks: the held-out prompts of the training
             # set (~10 prompts: one standard error ~6 points) and the larger test set of unseen prompts.
             for side, runs in (("instrugo", ours), ("trl", theirs)):
@@ -284,6 +287,10 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
                             "kind": "rm_eval", "model_dir": run["model_dir"], "heldout": data[split],
                             "precision": precision, "max_length": s.max_length}, repeats=1)
                         run[f"{split}_accuracy"] = evaluated[0]["heldout_accuracy"] if evaluated else None
+                if s.rm_seeds > 1:
+                    print(f"bench: {side} RM K={k} lr {lr:g}, test accuracy per seed: "
+                          + ", ".join(f"{run['test_accuracy']:.1%}" if run.get("test_accuracy") is not None else "-"
+                                      for run in runs), flush=True)
                 # Each side's learning rate is chosen on its held-out prompts; the test set only reports.
                 chosen_by, accuracy, seconds = (med(runs, key) for key in ("heldout_accuracy", "test_accuracy",
                                                                            "train_seconds"))
@@ -300,7 +307,7 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
                      Row(at, "peak RSS", med(ours, "peak_rss_mib"), med(theirs, "peak_rss_mib"), unit="MiB")]
             # At the first learning rate only: the allocator changes time and memory, not the model.
             if lr == s.rm_lrs[0] and (command_malloc := command_malloc_environment(s)):
-                malloc = h.measure("instrugo", f"rm-k{k}-tcmalloc-{model}", ours_job, s.train_repeats, env=command_malloc)
+                malloc = h.measure("instrugo", f"rm-k{k}-tcmalloc-{model}", ours_job, 1, env=command_malloc)
                 rows += [Row(f"{at}, {COMMAND_MALLOC}", "epoch s", med(malloc, "train_seconds"),
                              med(theirs, "train_seconds"), unit="s"),
                          Row(f"{at}, {COMMAND_MALLOC}", "peak RSS", med(malloc, "peak_rss_mib"),
@@ -371,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-k", type=int, nargs="+", help="reward-model benchmark only at these K (of the mode's)")
     parser.add_argument("--rm-lrs", type=float, nargs="+",
                         help="train both reward models at each learning rate and compare each side at its best")
+    parser.add_argument("--rm-sequences", type=int,
+                        help="sequences per reward-model step on both sides (instrugo: this / K prompts; TRL: this / 2 pairs)")
+    parser.add_argument("--rm-seeds", type=int, help="reward-model runs per side and lr, each with its own seed (medians)")
     parser.add_argument("--out", help="write every raw result and the table to this JSON file")
     parser.add_argument("--keep", help="keep run directories and job logs here instead of a temp dir")
     args = parser.parse_args(argv)
@@ -384,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, rm_prompts={k: settings.rm_prompts[k] for k in args.rm_k})
     if args.rm_lrs:
         settings = dataclasses.replace(settings, rm_lrs=tuple(args.rm_lrs))
+    if args.rm_sequences:
+        settings = dataclasses.replace(settings, rm_sequences_per_forward=args.rm_sequences)
+    if args.rm_seeds:
+        settings = dataclasses.replace(settings, rm_seeds=args.rm_seeds)
 
     trl_python, trl_missing = (None, "--no-trl given") if args.no_trl else ensure_trl_venv()
     if trl_python is None:
@@ -426,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     bf16_ceiling = (f"{hardware[0]['bf16_gflops']:.0f}" if hardware[0]["bf16_size"] == settings.matmul_size else
                     f"{hardware[0]['bf16_gflops']:.2g} (emulated: measured at {hardware[0]['bf16_size']}²)")
     header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
-              f"SFT and RM epochs, precision {precision} on both sides; "
+              f"SFT epochs, {settings.rm_seeds} seed(s) of RM epochs ({settings.rm_sequences_per_forward} sequences "
+              f"per step), precision {precision} on both sides; "
               f"matmul ceiling bf16 {bf16_ceiling} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads; the FLOP/s column divides by {precision}'s); "
               f"{machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
