@@ -77,6 +77,22 @@ def test_reply_ends_at_eos_or_its_length_and_releases_what_it_held():
     assert cancelled.finish_reason == "cancelled"
 
 
+def test_reply_decodes_each_token_once_and_gives_the_text_of_the_whole(tiny_tokenizer, monkeypatch):
+    text = "Caf\u00e9s in K\u00f8benhavn \u2014 \u65e5\u672c\u8a9e, emoji \U0001f389\U0001f30d!\n  indented   spaces"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    random_ids = torch.randint(0, len(tiny_tokenizer), (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths = []
+    real_decode = tiny_tokenizer.decode
+    monkeypatch.setattr(tiny_tokenizer, "decode", lambda tokens, **kw: lengths.append(len(tokens)) or real_decode(tokens, **kw))
+    for tokens in (ids, random_ids):
+        reply = Reply(tiny_tokenizer, max_tokens=len(tokens))
+        pieces = feed(reply, tokens)
+        whole = real_decode(tokens, skip_special_tokens=True)
+        assert reply.text == whole and "".join(pieces) == whole and reply.finish_reason == "length"
+    assert real_decode(ids) == text
+    assert max(lengths) <= 8  # what each step decodes stays short, however long the reply
+
+
 def test_decode_ends_the_rows_on_step_names_and_only_those(tiny_model_dir, tiny_tokenizer):
     from instrugo.models import load_causal_lm
 

@@ -22,6 +22,7 @@ until it cannot.
 # No `from __future__ import annotations`: FastAPI reads the route annotations.
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -133,7 +134,12 @@ def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 class Reply:
     """One generated response as text: decoded as its tokens arrive, ended by EOS, by its first `stop`
     string (cut before it) or by `max_tokens`, and released in pieces that end neither inside a character
-    nor inside what may still become a stop string."""
+    nor inside what may still become a stop string.
+
+    Each token decodes only the few tokens since the last complete character, read after the one or two
+    tokens before them (so that tokenizers which drop a word's leading space at the start of a text still
+    place it): a step costs the same at the 4,000th token as at the 4th, where decoding the whole response
+    again would grow with its length."""
 
     def __init__(self, tokenizer, max_tokens: int, stop: Sequence[str] = ()):
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, tuple(stop)
@@ -141,6 +147,18 @@ class Reply:
         self.text = ""
         self.released = 0            # characters of `text` already released
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" (client left), "interrupted" (Ctrl-C)
+        self._settled = ""           # the text of tokens[:_read], which ends with a complete character
+        self._context = self._read = 0  # tokens[_context:_read] are decoded again before the new ones
+
+    def _decoded(self) -> str:
+        """All tokens' text (a trailing U+FFFD while a character's bytes are still coming)."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        before = decode(self.tokens[self._context:self._read])
+        after = decode(self.tokens[self._context:])
+        text = self._settled + after[len(before):]
+        if not after.endswith("\ufffd"):
+            self._settled, self._context, self._read = text, self._read, len(self.tokens)
+        return text
 
     def add(self, token: int, eos_id: int) -> str:
         """Take the next sampled token; return the text it releases (often '')."""
@@ -148,8 +166,9 @@ class Reply:
         if token == eos_id:
             self.finish_reason = "stop"
         else:
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            seen = len(self.text.rstrip("\ufffd"))  # no stop string ends within it: the reply would have ended
+            text = self._decoded()
+            cut = min((i for i in (text.find(s, max(0, seen - len(s) + 1)) for s in self.stop) if i >= 0), default=-1)
             self.text = text if cut < 0 else text[:cut]
             if cut >= 0:
                 self.finish_reason = "stop"
