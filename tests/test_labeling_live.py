@@ -4,12 +4,8 @@ submits, with XSS payloads in the model text."""
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,39 +13,14 @@ import pytest
 
 from instrugo.comparisons import ComparisonTask
 from instrugo.labeling.storage import LabelStore
+from servers import running_server
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(db: Path):
-    """`instrugo label serve` in a subprocess (through the labeling CLI alone: faster to start); yields
-    (base url, process)."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "instrugo.labeling.cli", "serve", "--db", str(db),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/api/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {process.stderr.read().decode()}") from None
-                time.sleep(0.1)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(timeout=10)
+def label_server(db: Path):
+    """`instrugo label serve` (through the labeling CLI alone: faster to start); yields (base url, process)."""
+    return running_server(["instrugo.labeling.cli", "serve", "--db", str(db)], "/api/openapi.json", timeout_s=30)
 
 
 def tasks(n: int, k: int = 4) -> list[ComparisonTask]:
@@ -82,7 +53,7 @@ def test_16_concurrent_labelers_store_exactly_1600_labels(tmp_path):
     store.import_tasks(tasks(1700), "tasks")
     tokens = [store.add_labeler(f"l{i:02d}") for i in range(16)]
     acknowledged, errors = [], []
-    with running_server(store.path) as (base, _):
+    with label_server(store.path) as (base, _):
         threads = [threading.Thread(target=label_tasks, args=(base, token, 100, acknowledged, errors))
                    for token in tokens]
         started = time.perf_counter()
@@ -107,7 +78,7 @@ def test_sigkill_under_load_loses_no_acknowledged_label(tmp_path):
     store.import_tasks(tasks(5000), "tasks")
     tokens = [store.add_labeler(f"l{i}") for i in range(8)]
     acknowledged, errors = [], []
-    with running_server(store.path) as (base, process):
+    with label_server(store.path) as (base, process):
         threads = [threading.Thread(target=label_tasks, args=(base, token, 10_000, acknowledged, errors))
                    for token in tokens]
         for t in threads:
@@ -118,7 +89,7 @@ def test_sigkill_under_load_loses_no_acknowledged_label(tmp_path):
         for t in threads:
             t.join()
     assert len(errors) == len(tokens)  # every labeler was cut off mid-stream
-    with running_server(store.path) as (base, _):
+    with label_server(store.path) as (base, _):
         for token, assignment, best in acknowledged:
             r = httpx.get(f"{base}/api/tasks/{assignment}", headers={"Authorization": f"Bearer {token}"})
             label = r.json()["label"]
@@ -142,7 +113,7 @@ def test_browser_signs_in_ranks_scores_flags_submits_and_xss_stays_inert(tmp_pat
     store.import_tasks([ComparisonTask(id="xss", prompt=prompt, responses=[f"Response {j}: {XSS[j]}" for j in range(4)]),
                         *tasks(1)], "tasks")
     token = store.add_labeler("ann")
-    with running_server(store.path) as (base, _), sync_playwright() as p:
+    with label_server(store.path) as (base, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])

@@ -5,15 +5,13 @@ and its chat page in a real browser."""
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from servers import running_server
 from typer.testing import CliRunner
 
 from instrugo import runio
@@ -457,26 +455,9 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make browser)")
 def test_chat_page_streams_a_reply_and_shows_text_as_text(tmp_path):
-    import socket
-
     from playwright.sync_api import expect, sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "instrugo", "serve", "--policy", "tiny", "--port", str(port),
-                               "--max-new-tokens", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(base + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {server.stderr.read().decode()}") from None
-                time.sleep(0.2)
+    with running_server(["instrugo", "serve", "--policy", "tiny", "--max-new-tokens", "16"], "/health", 120) as (base, _):
         message = 'Hi <img src=x onerror="window.__xss=1">'
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -500,6 +481,3 @@ def test_chat_page_streams_a_reply_and_shows_text_as_text(tmp_path):
             page.click("#reset")
             assert page.locator(".turn").count() == 0
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
