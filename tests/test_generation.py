@@ -80,6 +80,53 @@ def test_shared_prompt_pass_gives_the_tokens_of_separate_ones(tiny_tokenizer, ti
     assert out[0] != out[1]  # the two prompts continue differently, so a wrong mapping would show
 
 
+def test_rows_joining_a_running_decode_continue_as_if_decoded_alone(tiny_tokenizer, tiny_model_dir):
+    """Continuous batching: prompts join a decode between steps, wider and narrower than its cache, and
+    rows leave; every row's greedy tokens are those it gets decoded alone, and the cache keeps only the
+    columns some row still reads."""
+    from instrugo.generation import DecodeBatch, encode_prompts
+
+    model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
+    pad, length = tiny_tokenizer.pad_token_id, 8
+    prompts = encode_prompts(tiny_tokenizer, ["Hi", "Write a long sentence about rivers, hills and the sea.",
+                                              "Name a planet.", "Hi"])
+    short, wide, narrow, _ = map(len, prompts)
+    with inference_attention(model):
+        alone = [decode(model, *pad_batch([p], pad), length, 0.0, 1.0, -1, pad, torch.Generator())[0].tokens
+                 for p in prompts]
+        batch, tokens, owners, logits = DecodeBatch(model), [[] for _ in prompts], [], None
+
+        def join(index: int, leaving: int | None = None) -> None:
+            nonlocal logits, owners
+            if leaving is not None:  # a row that has all its tokens leaves first
+                kept = torch.tensor([row for row, owner in enumerate(owners) if owner != leaving])
+                batch.keep(kept)
+                logits, owners = logits[kept], [owners[row] for row in kept.tolist()]
+            new = batch.add(*pad_batch([prompts[index]], pad), length)
+            logits, owners = (new if logits is None else torch.cat([logits, new])), owners + [index]
+
+        join(0)
+        for step in range(4 * length):
+            if step == 3:
+                assert wide > batch.attention_mask.shape[1]  # wider than the cache so far: the others move right
+                join(1)
+            if step == length:  # the first row is done: it leaves, a narrower prompt joins right-aligned
+                join(2, leaving=0)
+                assert batch.attention_mask.shape[1] == wide + length - 3
+            if step == length + 3:  # the widest row leaves: the columns only it read go with it
+                join(3, leaving=1)
+                assert batch.attention_mask.shape[1] == max(narrow + 3, short) < wide + length
+            token = next_tokens(logits, 0.0, 1.0, None, banned=pad)[0]
+            for owner, value in zip(owners, token.tolist()):
+                if len(tokens[owner]) < length:
+                    tokens[owner].append(value)
+            if all(len(t) == length for t in tokens):
+                break
+            logits = batch.forward(token)
+    assert tokens == alone
+    assert len(set(map(tuple, alone[:3]))) == 3  # the prompts continue differently: a misplaced row would show
+
+
 def test_copies_of_a_prompt_split_across_batches_each_continue_it(tiny_tokenizer, tiny_model_dir):
     model = prompt_sensitive_model(tiny_tokenizer, tiny_model_dir)
     prompts = ["Name a planet.", "Write a long sentence about rivers.", "Hi"]

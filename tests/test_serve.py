@@ -18,7 +18,7 @@ from instrugo import runio
 from instrugo.cli import app
 from instrugo.generation import SamplingConfig, decode, encode_prompts, pad_batch, sample_responses
 from instrugo.runio import InputError
-from instrugo.serve import (Batcher, BatchLimits, ChatModel, Job, Reply, ServeConfig, create_app, decode_batches, fitted_history,
+from instrugo.serve import (Batcher, BatchLimits, ChatModel, Job, Reply, ServeConfig, create_app, fitted_history,
                             newest_policy, server_sent_events, stop_prefix_length)
 
 EOS = 0
@@ -151,24 +151,38 @@ def test_fitted_history_leaves_out_the_oldest_pairs_and_keeps_the_newest_message
     assert fitted_history(CharacterChat(), system, turns, max_new_tokens=15) == ([0] * 6, 4)  # too long: the caller says so
 
 
-def test_decode_batches_groups_equal_settings_within_the_limits():
-    def job(rows, temperature=0.0, seed=None, prompt=2, max_tokens=4):
-        return Job([1] * prompt, [Reply(BytesTokenizer(), max_tokens) for _ in range(rows)], temperature, 0.9, seed,
-                   False, None)
+class FakeBatch:
+    """What `BatchLimits.joining` reads of a decode: its rows' cache width once prompts join."""
 
-    four_rows = BatchLimits(rows=4, cached_tokens=10**6, context=100)
-    a, b, c, d = job(2), job(2), job(1, temperature=0.7), job(2)
-    seeded, e, greedy_seeded = job(1, temperature=0.7, seed=5), job(1), job(1, seed=5)
-    assert decode_batches([a, b, c, d, seeded, e, greedy_seeded], four_rows) == [[a, b], [d, e, greedy_seeded], [c], [seeded]]
-    big = job(6)
-    assert decode_batches([a, big, b], four_rows) == [[a], [big], [b]]
-    assert (greedy_seeded.top_p, greedy_seeded.seed) == (1.0, None)  # greedy draws nothing: it batches like any greedy job
-    # Cached tokens: rows x (longest prompt + longest reply); context: each prompt + the longest reply.
+    def __init__(self, used: int = 0, room: int = 0):
+        self.used, self.room = used, room
+
+    def width_after_adding(self, prompt_width: int, new_tokens: int) -> int:
+        return max(self.used, prompt_width) + max(self.room, new_tokens)
+
+
+def job(rows=1, temperature=0.0, seed=None, prompt=2, max_tokens=4, loop=None, stream=False):
+    return Job([1] * prompt, [Reply(BytesTokenizer(), max_tokens) for _ in range(rows)], temperature, 0.9, seed, stream, loop)
+
+
+def test_jobs_join_in_arrival_order_within_the_limits_and_a_seeded_one_alone():
+    four_rows, empty = BatchLimits(rows=4, cached_tokens=10**6), FakeBatch()
+    a, b, c, d = job(2), job(1, temperature=0.7), job(2), job(1)
+    assert four_rows.joining(empty, [], [a, b, c, d]) == [a, b]  # c would make 5 rows; d does not overtake it
+    assert four_rows.joining(FakeBatch(10, 5), [a], [b, c, d]) == [b]
+    seeded, greedy_seeded = job(1, temperature=0.7, seed=5), job(1, seed=5)
+    assert (greedy_seeded.top_p, greedy_seeded.seed) == (1.0, None)  # greedy draws nothing: it joins like any greedy job
+    assert four_rows.joining(empty, [], [seeded, a]) == [seeded]  # nothing joins a seeded job
+    assert four_rows.joining(empty, [seeded], [a]) == []
+    assert four_rows.joining(FakeBatch(10, 5), [a], [seeded, b]) == []  # it waits for an empty decode
+    assert four_rows.joining(empty, [], [greedy_seeded, a]) == [greedy_seeded, a]
+    # Cached tokens: rows x (the wider of the decode's used columns and the new prompts + the longer room).
     short, long_prompt, long_reply = job(1, prompt=10), job(1, prompt=40), job(1, max_tokens=60)
-    assert decode_batches([short, long_prompt], BatchLimits(4, 2 * 44, 100)) == [[short, long_prompt]]
-    assert decode_batches([short, long_prompt], BatchLimits(4, 2 * 44 - 1, 100)) == [[short], [long_prompt]]
-    assert decode_batches([long_prompt, long_reply], BatchLimits(4, 10**6, 100)) == [[long_prompt, long_reply]]
-    assert decode_batches([long_prompt, long_reply], BatchLimits(4, 10**6, 99)) == [[long_prompt], [long_reply]]
+    assert BatchLimits(4, 2 * 44).joining(empty, [], [short, long_prompt]) == [short, long_prompt]
+    assert BatchLimits(4, 2 * 44 - 1).joining(empty, [], [short, long_prompt]) == [short]
+    assert BatchLimits(4, 3 * (50 + 60)).joining(FakeBatch(50, 8), [short], [long_reply, a]) == [long_reply]
+    assert BatchLimits(4, 10**6).fits_alone(job(4)) and not BatchLimits(4, 10**6).fits_alone(job(5))
+    assert not BatchLimits(4, 2 * 6 - 1).fits_alone(job(2))
 
 
 class ImmediateLoop:
@@ -178,50 +192,59 @@ class ImmediateLoop:
         callback(*args)
 
 
-def test_a_request_is_answered_when_its_rows_end_not_when_the_batch_does():
-    def events(job):
-        return [job.events.get_nowait() for _ in range(job.events.qsize())]
-
-    short, long = (Job([1], [Reply(BytesTokenizer(), 9)], 0.0, 1.0, None, True, ImmediateLoop()) for _ in range(2))
-    seen = {}
-
-    class ScriptedChat:
-        device = "cpu"
-
-        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
-            assert prompt_of_row == [0, 1]
-            on_text(0, "a")
-            on_end(0)
-            seen["short"], seen["long"] = events(short), events(long)
-            on_text(1, "b")
-            on_end(1)
-
-    Batcher(ScriptedChat(), BatchLimits(4, 10**6, 100), 0.0, 0, 8)._decode([short, long])
-    assert seen == {"short": [("text", 0, "a"), ("done",)], "long": []}
-    assert events(long) == [("text", 0, "b"), ("done",)] and events(short) == []
+def events(job):
+    return [job.events.get_nowait() for _ in range(job.events.qsize())]
 
 
-def test_stopping_fails_the_queued_requests_and_cancels_the_running_one():
-    running = threading.Event()
-
-    class BlockingChat:
-        device = "cpu"
-
-        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
-            running.set()
-            while not all(reply.finish_reason == "cancelled" for reply in replies):
-                time.sleep(0.01)
-
-    batcher = Batcher(BlockingChat(), BatchLimits(1, 10**6, 100), 0.0, 0, max_queued=1)
-    first, second, third = (Job([1], [Reply(BytesTokenizer(), 9)], 0.0, 1.0, None, False, ImmediateLoop())
-                            for _ in range(3))
+def tiny_batcher(chat, rows=4, max_queued=8, window_s=0.0, seed=0):
+    batcher = Batcher(chat, BatchLimits(rows, 10**6), window_s, seed, max_queued)
     batcher.start()
-    assert batcher.submit(first) and running.wait(10)
-    assert batcher.submit(second) and not batcher.submit(third)  # one may wait; the next gets a 503
+    return batcher
+
+
+def chat_job(chat, max_tokens, stream=True):
+    prompt = chat.encode([{"role": "user", "content": "Tell me about tennis."}])
+    return Job(prompt, [Reply(chat.tokenizer, max_tokens)], 0.0, 1.0, None, stream, ImmediateLoop())
+
+
+def test_a_request_joins_the_running_decode_and_is_answered_when_its_rows_end(tiny_chat):
+    batcher = tiny_batcher(tiny_chat)
+    long, short = chat_job(tiny_chat, 200), chat_job(tiny_chat, 3)
+    try:
+        assert batcher.submit(long)
+        deadline = time.monotonic() + 30
+        while len(long.replies[0].tokens) < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert batcher.submit(short)
+        while not short.answered and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # `short` joined the running decode and was answered after its 3 tokens, while `long` went on.
+        assert events(short)[-1] == ("done",) and len(short.replies[0].tokens) == 3
+        assert 5 < len(long.replies[0].tokens) < 100 and long.replies[0].finish_reason is None
+        while not long.answered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events(long)[-1] == ("done",) and len(long.replies[0].tokens) == 200
+        # One decode: `short`'s tokens were steps `long` took anyway.
+        assert (batcher.steps, batcher.rows) == (200, 2)
+    finally:
+        batcher.stop(timeout_s=10)
+
+
+def test_stopping_fails_the_waiting_requests_and_cancels_the_running_one(tiny_chat):
+    batcher = tiny_batcher(tiny_chat, rows=1, max_queued=1)
+    first, second, third, fourth = (chat_job(tiny_chat, 2000, stream=False) for _ in range(4))
+    assert batcher.submit(first)
+    deadline = time.monotonic() + 30
+    while not first.replies[0].tokens and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert batcher.submit(second)  # it cannot join (one row at most): it waits, out of the queue
+    while batcher.jobs.qsize() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert batcher.submit(third) and not batcher.submit(fourth)  # one more may queue; the next gets a 503
     batcher.stop(timeout_s=10)
     assert not batcher.thread.is_alive()
-    assert second.events.get_nowait() == ("error", "the server is shutting down")
-    assert first.cancelled and first.events.get_nowait() == ("done",)
+    assert events(second) == events(third) == [("error", "the server is shutting down")]
+    assert first.cancelled and events(first) == [("done",)] and len(first.replies[0].tokens) < 2000
 
 
 def test_cancelled_stream_cancels_its_rows():
@@ -322,7 +345,7 @@ def test_api_decodes_concurrent_requests_together(tiny_chat):
         assert [r.status_code for r in replies] == [200, 200, 200]
         assert [len(r.json()["choices"]) for r in replies] == [2, 1, 1]
         health = client.get("/health").json()
-        assert (health["decodes"], health["rows"]) == (1, 4)
+        assert (health["steps"], health["rows"]) == (6, 4)  # one decode of 4 rows, not three one after another
 
 
 def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_tokenizer, monkeypatch):
@@ -370,15 +393,17 @@ def test_api_rejects_bad_requests_with_openai_style_errors(tiny_chat, tiny_token
 
 
 def test_a_failing_decode_fails_its_request_and_the_server_goes_on(tiny_chat, monkeypatch):
+    from instrugo.generation import DecodeBatch
+
     with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny"))) as client:
-        real = tiny_chat.generate
-        monkeypatch.setattr(tiny_chat, "generate", lambda *args, **kwargs: 1 / 0)
+        real = DecodeBatch.forward
+        monkeypatch.setattr(DecodeBatch, "forward", lambda *args, **kwargs: 1 / 0)
         failed = post(client, max_tokens=4)
         assert failed.status_code == 500 and "ZeroDivisionError" in failed.json()["error"]["message"]
         assert failed.json()["error"]["type"] == "server_error"
         _, chunks = stream_text(client, max_tokens=4)
         assert "ZeroDivisionError" in chunks[-1]["error"]["message"]
-        monkeypatch.setattr(tiny_chat, "generate", real)
+        monkeypatch.setattr(DecodeBatch, "forward", real)
         assert post(client, max_tokens=4).status_code == 200
         assert client.get("/health").json()["status"] == "ok"
 
@@ -411,19 +436,12 @@ def test_a_non_streamed_request_whose_client_left_cancels_its_rows(monkeypatch):
     assert asyncio.run(wait_for_nothing()) == (None, True)
 
 
-def test_each_decode_draws_from_its_own_stream_and_a_seeded_one_from_its_seed():
-    seeds = []
+def test_unseeded_draws_come_from_the_servers_seed(tiny_chat):
+    def sampled(seed):
+        with TestClient(create_app(tiny_chat, ServeConfig(policy="tiny", seed=seed))) as client:
+            return post(client, temperature=1.0, max_tokens=8).json()["choices"][0]["message"]["content"]
 
-    class RecordingChat:
-        device = "cpu"
-
-        def generate(self, prompts, replies, prompt_of_row, temperature, top_p, generator, on_text, on_end):
-            seeds.append(generator.initial_seed())
-
-    batcher = Batcher(RecordingChat(), BatchLimits(4, 10**6, 100), 0.0, 7, 8)
-    for seed in (None, None, 12345):
-        batcher._decode([Job([1], [Reply(BytesTokenizer(), 4)], 1.0, 1.0, seed, False, ImmediateLoop())])
-    assert seeds[0] != seeds[1] and seeds[2] == 12345
+    assert sampled(7) == sampled(7) != sampled(8)
     with pytest.raises(InputError, match="seed"):
         ServeConfig(seed=2**63).validate()
 

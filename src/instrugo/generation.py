@@ -177,6 +177,22 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer[rows, :, end - piece.length:end] = piece.values
         self.expose(end)
 
+    def join(self, columns: slice, piece: "PreallocatedLayer", end: int, capacity: int) -> None:
+        """This layer's rows (their written `columns`), then `piece`'s rows, in new buffers of `capacity`
+        columns, both right-aligned at column `end` as left padding aligns them (columns to the left stay
+        zero: padding, masked in attention)."""
+        rows, heads, _, dims = self.key_buffer.shape
+        width = columns.stop - columns.start
+        for name in ("key_buffer", "value_buffer"):
+            old, new_rows = getattr(self, name), getattr(piece, name)
+            buffer = old.new_empty(rows + new_rows.shape[0], heads, capacity, dims)
+            buffer[:, :, :end].zero_()
+            buffer[:rows, :, end - width:end] = old[:, :, columns]
+            buffer[rows:, :, end - piece.length:end] = new_rows[:, :, :piece.length]
+            setattr(self, name, buffer)
+        self.capacity = capacity
+        self.expose(end)
+
     def crop(self, *args, **kwargs):  # DynamicLayer's versions would leave the buffers stale
         raise NotImplementedError("PreallocatedLayer supports decoding only: update and batch_select_indices")
 
@@ -229,6 +245,90 @@ def prompt_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ca
     return cache, torch.cat(logits)
 
 
+class DecodeBatch:
+    """Rows decoding together, one token each per forward pass: their KV cache, attention mask and next
+    positions. `add` brings in rows (their prompts go through the model; with rows already decoding, their
+    cache is placed beside the others', which is how a server lets requests join a running decode),
+    `forward` feeds each row its next token, `keep` drops the rows that have ended."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache: DynamicCache | None = None
+        self.attention_mask = self.next_position = None
+        self.capacity = 0  # columns the cache buffers hold
+        self.last_position = (getattr(model.config, "max_position_embeddings", None) or 2**62) - 1
+
+    def __len__(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[0]
+
+    @property
+    def room(self) -> int:
+        """Tokens every row can still take before `add` must make room."""
+        return self.capacity - (0 if self.attention_mask is None else self.attention_mask.shape[1])
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can join while others decode: every layer's cache is a `PreallocatedLayer`
+        (caches of other kinds, e.g. sliding windows, cannot be realigned here)."""
+        return self.cache is None or all(type(layer) is PreallocatedLayer for layer in self.cache.layers)
+
+    def used_columns(self) -> slice:
+        """The cache columns some row reads: from the leftmost real token to the last written column."""
+        return slice(int(self.attention_mask.any(0).int().argmax()), self.attention_mask.shape[1])
+
+    def width_after_adding(self, prompt_width: int, new_tokens: int) -> int:
+        """Cache columns per row once `add` has placed prompts `prompt_width` wide with room for `new_tokens`."""
+        if not len(self):
+            return prompt_width + new_tokens
+        used = self.used_columns()
+        return max(used.stop - used.start, prompt_width) + max(self.room, new_tokens)
+
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
+            prompt_of_row: torch.Tensor | None = None) -> torch.Tensor:
+        """Add a row per left-padded prompt (or row r continuing prompt `prompt_of_row[r]`, which then
+        shares that prompt's pass) after the rows already here, with room for `new_tokens` more tokens of
+        every row; returns the new rows' next-token logits."""
+        width = input_ids.shape[1]
+        joining = len(self) > 0
+        if joining and not self.joinable:
+            raise ValueError("rows cannot join this model's cache while others decode")
+        cache, logits = prompt_pass(self.model, input_ids, attention_mask, width if joining else width + new_tokens)
+        positions = positions_skipping_padding(attention_mask)
+        if prompt_of_row is not None:
+            cache.batch_select_indices(prompt_of_row)
+            logits, positions, attention_mask = logits[prompt_of_row], positions[prompt_of_row], attention_mask[prompt_of_row]
+        if not joining:
+            self.cache, self.attention_mask, self.next_position = cache, attention_mask, positions[:, -1] + 1
+            self.capacity = width + new_tokens
+            return logits
+        used = self.used_columns()
+        end = max(used.stop - used.start, width)
+        capacity = self.width_after_adding(width, new_tokens)
+        for layer, piece in zip(self.cache.layers, cache.layers):
+            layer.join(used, piece, end, capacity)
+        mask = self.attention_mask.new_zeros(len(self) + attention_mask.shape[0], end)
+        mask[:len(self), end - (used.stop - used.start):] = self.attention_mask[:, used]
+        mask[len(self):, end - width:] = attention_mask
+        self.attention_mask, self.capacity = mask, capacity
+        self.next_position = torch.cat([self.next_position, positions[:, -1] + 1])
+        return logits
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed each row its next token; returns the logits of the token after it."""
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self), 1)], dim=1)
+        # A row that has ended stays until rows leave together; its positions must stay valid (nobody reads its tokens).
+        positions = self.next_position.clamp(max=self.last_position)[:, None]
+        logits = self.model(input_ids=token[:, None], attention_mask=self.attention_mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows, in this order (a copy of the cache, so callers drop rows in groups)."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
            top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
@@ -242,19 +342,14 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     Finished rows are dropped from the batch and the KV cache once they are an eighth of it (dropping
     costs a copy of the cache, so not one row at a time). Position ids skip the left padding, as in
     training. The pad token is never sampled: it is a real vocabulary entry and would read as padding."""
-    cache, logits = prompt_pass(model, input_ids, attention_mask, input_ids.shape[1] + max_new_tokens, PROMPT_PASS_ROWS)
-    positions = positions_skipping_padding(attention_mask)
-    if prompt_of_row is not None:
-        cache.batch_select_indices(prompt_of_row)
-        logits, positions, attention_mask = logits[prompt_of_row], positions[prompt_of_row], attention_mask[prompt_of_row]
-    batch = logits.shape[0]
-    rows = torch.arange(batch)                       # original row of each row still in the batch
-    finished = torch.zeros(batch, dtype=torch.bool)  # emitted EOS, waiting to be dropped
-    next_position = positions[:, -1] + 1
+    batch = DecodeBatch(model)
+    logits = batch.add(input_ids, attention_mask, max_new_tokens, prompt_of_row)
+    rows = torch.arange(len(batch))                # original row of each row still in the batch
+    finished = torch.zeros(len(batch), dtype=torch.bool)  # emitted EOS, waiting to be dropped
     greedy = temperature <= 0
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    logprobs: list[list[float | None]] = [[] for _ in range(batch)]
-    has_eos = [False] * batch
+    tokens: list[list[int]] = [[] for _ in rows]
+    logprobs: list[list[float | None]] = [[] for _ in rows]
+    has_eos = [False] * len(rows)
     for step in range(max_new_tokens):
         token, token_logprob = next_tokens(logits, temperature, top_p, generator, banned=pad_id)
         row_logprobs = [None] * len(rows) if greedy else token_logprob.tolist()
@@ -274,14 +369,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         if int(finished.sum()) * 8 >= len(rows):
             keep = (~finished).nonzero().squeeze(1)
-            device_keep = keep.to(input_ids.device)
-            cache.batch_select_indices(device_keep)
-            rows, finished = rows[keep], finished[keep]
-            token, attention_mask, next_position = token[device_keep], attention_mask[device_keep], next_position[device_keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
+            batch.keep(keep.to(input_ids.device))
+            rows, finished, token = rows[keep], finished[keep], token[keep.to(token.device)]
+        logits = batch.forward(token)
     return [Continuation(t, e, None if greedy else lp) for t, e, lp in zip(tokens, has_eos, logprobs)]
 
 

@@ -5,18 +5,17 @@
 
 `--policy` takes the directory of an `instrugo run` (which stands for its newest policy: the last round's
 PPO-ptx, else its PPO, else the SFT model), a policy directory, 'default', 'tiny' or a .gguf file. Both
-commands generate through `generation.decode`, as every stage does (KV cache, finished rows leave the batch),
-with the linear weights packed once for the process instead of once per call. Temperature 0 (greedy) by
+commands generate as every stage does (`generation.DecodeBatch`: a KV cache, rows leave the batch when they
+end), with the linear weights packed once for the process instead of once per call. Temperature 0 (greedy) by
 default: the responses `instrugo eval` judged.
 
-The server decodes on one thread. It gathers the requests that arrive within `batch_window_ms` of the first,
-and those that queued while the previous decode ran, into one decode within `BatchLimits`: a decode step
-reads every weight once whatever the batch (8 clients were answered 2.1-2.7x as fast as one request at a
-time, docs/BENCHMARKS.md "Serving"). A decode is not joined once it runs. Requests with other sampling
-settings, or sampled with a `seed` (which then gives the same response every time), are decoded apart. A
-request is answered as soon as its own rows end. With `"stream": true` the text arrives as server-sent
-events while it is generated; text that may still turn out to be the start of a `stop` string is held back
-until it cannot.
+The server decodes on one thread, continuously: requests that arrive while a decode runs join it between
+two steps (their prompts go through the model together and their cache is placed beside the others'), as
+far as `BatchLimits` allow, and each request is answered as soon as its own rows end. A decode step reads
+every weight once whatever the batch, so requests decoded together cost little more than one
+(docs/BENCHMARKS.md "Serving"). Requests sampled with a `seed` decode alone, so that the seed decides the
+response. With `"stream": true` the text arrives as server-sent events while it is generated; text that may
+still turn out to be the start of a `stop` string is held back until it cannot.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations.
@@ -31,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -39,7 +39,7 @@ import torch
 
 from instrugo import models
 from instrugo.config import option, require
-from instrugo.generation import decode, encode_prompts, pad_batch
+from instrugo.generation import DecodeBatch, decode, encode_prompts, next_tokens, pad_batch
 from instrugo.runio import InputError, is_complete
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,12 @@ class ServeConfig(GenerationSettings):
     host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = option(8001, "TCP port.")
     max_batch_rows: int = option(32, "Most rows (responses) decoded together.")
-    max_batch_tokens: int = option(32768, "Most cached tokens per decode, rows x (longest prompt + longest reply): "
-                                          "bounds its KV cache (~1.5 GB for the default model in fp32).")
+    max_batch_tokens: int = option(32768, "Most cached tokens in the decode, rows x (oldest row's prompt and reply so "
+                                          "far + room for the longest reply): bounds its KV cache (~1.5 GB for the "
+                                          "default model in fp32).")
     max_queued: int = option(256, "Requests waiting beyond this get 503 (try again).")
-    batch_window_ms: float = option(20.0, "How long the first request of a batch waits for others to join it.")
+    batch_window_ms: float = option(20.0, "How long a request that finds nothing decoding waits for others to share "
+                                          "its prompt pass.")
     api_key: str = option("", "Require `Authorization: Bearer KEY` on the API ('' = open; set it before "
                               "listening beyond this machine).")
 
@@ -213,37 +215,21 @@ class ChatModel:
         """How many tokens fit after `prompt` in the model's context."""
         return self.context - len(prompt)
 
-    def generate(self, prompts: list[list[int]], replies: list[Reply], prompt_of_row: list[int],
-                 temperature: float, top_p: float, generator: torch.Generator,
-                 on_text: Callable[[int, str], None] | None = None,
-                 on_end: Callable[[int], None] | None = None) -> None:
-        """Decode one row per reply, row r continuing `prompts[prompt_of_row[r]]`; each reply takes its
-        tokens as they come, `on_text(row, piece)` gets the text a token releases and `on_end(row)` hears
-        when a row ends. Rows end on their own (EOS, a stop string, their own max_tokens, cancelled: no
-        `on_end` then); the others go on decoding."""
+    def generate(self, prompt: list[int], reply: Reply, temperature: float, top_p: float, generator: torch.Generator,
+                 on_text: Callable[[str], None]) -> None:
+        """Decode `reply` to `prompt` alone, giving `on_text` the text each token releases."""
         eos_id = self.tokenizer.eos_token_id
 
         def take(live: list[tuple[int, int]]) -> list[int]:
-            ended = []
-            for row, token in live:
-                reply = replies[row]
-                if reply.finish_reason is None:
-                    piece = reply.add(token, eos_id)
-                    if piece and on_text is not None:
-                        on_text(row, piece)
-                    if reply.finish_reason is not None and on_end is not None:
-                        on_end(row)
-                if reply.finish_reason is not None:
-                    ended.append(row)
-            return ended
+            for _, token in live:
+                if reply.finish_reason is None and (piece := reply.add(token, eos_id)):
+                    on_text(piece)
+            return [0] if reply.finish_reason is not None else []
 
-        input_ids, attention_mask = pad_batch(prompts, self.tokenizer.pad_token_id)
-        one_row_per_prompt = prompt_of_row == list(range(len(prompts)))
-        rows = None if one_row_per_prompt else torch.tensor(prompt_of_row, device=self.device)
+        input_ids, attention_mask = pad_batch([prompt], self.tokenizer.pad_token_id)
         with models.autocast(self.precision):
-            decode(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                   max(reply.max_tokens for reply in replies), temperature, top_p, eos_id,
-                   self.tokenizer.pad_token_id, generator, rows, on_step=take)
+            decode(self.model, input_ids.to(self.device), attention_mask.to(self.device), reply.max_tokens,
+                   temperature, top_p, eos_id, self.tokenizer.pad_token_id, generator, on_step=take)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,8 +284,8 @@ def run_chat(config: ChatConfig) -> None:
             reply = Reply(chat.tokenizer, min(config.max_new_tokens, room))
             print("assistant> ", end="", flush=True)
             try:
-                chat.generate([prompt], [reply], [0], config.temperature, config.top_p, generator,
-                              on_text=lambda row, piece: print(piece, end="", flush=True))
+                chat.generate(prompt, reply, config.temperature, config.top_p, generator,
+                              on_text=lambda piece: print(piece, end="", flush=True))
             except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
                 reply.finish_reason = "interrupted"
             print({"length": " [cut at --max-new-tokens]", "interrupted": " [stopped]"}.get(reply.finish_reason, ""))
@@ -328,12 +314,20 @@ class Job:
         self.seed = seed if temperature > 0 else None  # greedy decoding draws nothing
         self.max_tokens = replies[0].max_tokens
         self.loop, self.events = loop, asyncio.Queue()
+        self.generator: torch.Generator | None = None  # a seeded job's own, from when it joins the decode
+        self.answered = False  # "done" or "error" sent
 
     def send(self, event: tuple) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the handler's event loop has closed: nobody is waiting
             pass
+
+    def end(self, event: tuple) -> None:
+        """Answer the request ("done" or "error"), once."""
+        if not self.answered:
+            self.answered = True
+            self.send(event)
 
     def cancel(self) -> None:
         for reply in self.replies:
@@ -343,59 +337,62 @@ class Job:
     def cancelled(self) -> bool:
         return all(reply.finish_reason == "cancelled" for reply in self.replies)
 
-    def batch_key(self) -> tuple:
-        """Jobs decoded together sample alike; a seeded job is decoded alone, so its seed decides it."""
+    @property
+    def finished(self) -> bool:
+        return all(reply.finish_reason is not None for reply in self.replies)
+
+    def sampling_key(self) -> tuple:
+        """Rows with equal keys draw their tokens together; a seeded job's rows draw from its own generator."""
         return (self.temperature, self.top_p, id(self) if self.seed is not None else None)
 
 
 @dataclass
 class BatchLimits:
-    """What one decode may hold: rows, cached tokens (rows x (longest prompt + longest reply): its KV
-    cache), and every row's prompt plus the batch's longest reply within the model's context (a row that
-    has ended keeps its place, and its positions go on, until the batch drops it)."""
+    """What the running decode may hold: rows, and cached tokens (rows x the cache's width: the columns
+    from the oldest row's first prompt token to the end of the room kept for the longest reply)."""
 
     rows: int
     cached_tokens: int
-    context: int
 
-    def fit(self, batch: list[Job]) -> bool:
-        rows = sum(len(job.replies) for job in batch)
-        longest_reply = max(job.max_tokens for job in batch)
-        width = max(len(job.prompt) for job in batch) + longest_reply
-        return (rows <= self.rows and rows * width <= self.cached_tokens
-                and all(len(job.prompt) + longest_reply <= self.context for job in batch))
+    def fits_alone(self, job: Job) -> bool:
+        return len(job.replies) <= self.rows and len(job.replies) * (len(job.prompt) + job.max_tokens) <= self.cached_tokens
 
-
-def decode_batches(jobs: list[Job], limits: BatchLimits) -> list[list[Job]]:
-    """Jobs in decodes: those of equal `batch_key` together, in arrival order, each decode within `limits`
-    (a job that does not fit with others is decoded alone)."""
-    batches: list[list[Job]] = []
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.batch_key(), []).append(job)
-    for group in groups.values():
-        batch: list[Job] = []
-        for job in group:
-            if batch and not limits.fit(batch + [job]):
-                batches.append(batch)
-                batch = []
-            batch.append(job)
-        batches.append(batch)
-    return batches
+    def joining(self, batch: DecodeBatch, running: list[Job], waiting: Sequence[Job]) -> list[Job]:
+        """The first waiting jobs, in arrival order, that join `batch` (which holds `running`'s rows) now.
+        A seeded job decodes alone, so that its seed decides its response: it joins only an empty batch,
+        and nothing joins it."""
+        if any(job.seed is not None for job in running):
+            return []
+        rows, joining = sum(len(job.replies) for job in running), []
+        for job in waiting:
+            if job.seed is not None and (rows or joining):
+                break
+            candidates = joining + [job]
+            width = batch.width_after_adding(max(len(j.prompt) for j in candidates), max(j.max_tokens for j in candidates))
+            if rows + len(job.replies) > self.rows or (rows + len(job.replies)) * width > self.cached_tokens:
+                break
+            joining, rows = candidates, rows + len(job.replies)
+            if job.seed is not None:
+                break
+        return joining
 
 
 class Batcher:
-    """The one thread that decodes: it takes jobs from a bounded queue, gathers those that arrive within the
-    window (or are already waiting) and decodes them in batches. A failing decode fails its requests, never
-    the thread. Counts what it ran, for /health."""
+    """The one thread that decodes, continuously: between two decode steps the requests that came meanwhile
+    join the running decode (one prompt pass for them all, their cache placed beside the others'), as far
+    as `BatchLimits` allow, and a request leaves as soon as its own rows end. So a request waits for one
+    step, not for the decode it arrives during. When nothing is decoding, the first request waits up to the
+    window for others to share its prompt pass. A failing step fails the requests in the decode, never the
+    thread. Counts what it ran, for /health."""
 
     def __init__(self, chat: ChatModel, limits: BatchLimits, window_s: float, seed: int, max_queued: int):
-        self.chat, self.limits, self.window_s, self.seed = chat, limits, window_s, seed
+        self.chat, self.limits, self.window_s = chat, limits, window_s
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
-        self.decodes = self.rows = self.started = 0
+        self.generator = torch.Generator(device=chat.device).manual_seed(seed)  # the unseeded requests' draws
+        self.steps = self.rows = 0
         self.closing = False
         self.running: list[Job] = []
-        self.lock = threading.Lock()  # `closing` and `running` change together: a batch never starts unseen by stop()
+        self.lock = threading.Lock()  # `closing` and `running` change together: no job starts unseen by stop()
         self.thread = threading.Thread(target=self._work, name="instrugo-decode", daemon=True)
 
     def start(self) -> None:
@@ -424,82 +421,130 @@ class Batcher:
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel()
-                job.send(("error", "the server is shutting down"))
+                job.end(("error", "the server is shutting down"))
         self.jobs.put(None)
         self.thread.join(timeout_s)
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` and what joins it before the window closes or the rows are full; and whether to stop."""
-        jobs, deadline = [first], time.monotonic() + self.window_s
-        while sum(len(job.replies) for job in jobs) < self.limits.rows:
-            remaining = deadline - time.monotonic()
+    def _arrivals(self, waiting: deque, idle: bool) -> bool:
+        """Move queued jobs to `waiting`, at most as many rows as a decode holds (the rest stay queued, where
+        `max_queued` bounds them). Idle, wait for a first job and then up to the window for others. Returns
+        whether to stop."""
+        deadline = None
+        while sum(len(job.replies) for job in waiting) < self.limits.rows:
             try:
-                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+                if idle and not waiting:
+                    job = self.jobs.get()
+                    deadline = time.monotonic() + self.window_s
+                elif deadline is not None and (remaining := deadline - time.monotonic()) > 0:
+                    job = self.jobs.get(timeout=remaining)
+                else:
+                    job = self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return False
             if job is None:
-                return jobs, True
-            jobs.append(job)
-        return jobs, False
+                return True
+            if not job.cancelled:  # its client left while it queued
+                waiting.append(job)
+        return False
 
     def _work(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            jobs, stopping = self._gather(first)
-            for batch in decode_batches([job for job in jobs if not job.cancelled], self.limits):
-                self._decode(batch)
-            if stopping:
-                return
+        waiting: deque[Job] = deque()
+        batch, owners, logits = DecodeBatch(self.chat.model), [], None  # owners[r]: (job, choice) of batch row r
+        with torch.no_grad(), models.autocast(self.chat.precision):
+            while True:
+                if self._arrivals(waiting, idle=not owners) or self.closing:
+                    with self.lock:
+                        for job in waiting:
+                            job.end(("error", "the server is shutting down"))
+                        for job in self.running:  # cancelled by stop(), or the thread is ending anyway
+                            job.cancel()
+                            job.end(("done",))
+                    return
+                try:
+                    batch, owners, logits = self._join(batch, owners, logits, waiting)
+                    if owners:
+                        logits = self._step(batch, owners, logits)
+                except Exception as error:  # these requests fail; the server goes on
+                    batch, owners, logits = self._fail(error)
 
-    def _decode(self, batch: list[Job]) -> None:
+    def _join(self, batch: DecodeBatch, owners: list, logits, waiting: deque):
+        """Drop the rows that have ended, then add the waiting jobs that fit."""
+        while waiting and waiting[0].cancelled:  # its client left while it waited
+            waiting.popleft()
+
+        def joining() -> list[Job]:
+            return self.limits.joining(batch, self.running, waiting) if batch.joinable or not owners else []
+
+        candidates = joining()
+        ended = [row for row, (job, choice) in enumerate(owners) if job.replies[choice].finish_reason is not None]
+        if ended and (candidates or len(ended) * 8 >= len(owners)):  # dropping copies the cache: rows leave in groups
+            if len(ended) == len(owners):
+                batch, owners, logits = DecodeBatch(self.chat.model), [], None
+            else:
+                kept = [row for row in range(len(owners)) if row not in set(ended)]
+                batch.keep(torch.tensor(kept, device=self.chat.device))
+                owners, logits = [owners[row] for row in kept], logits[kept]
+            candidates = joining()
+        if not candidates:
+            return batch, owners, logits
         with self.lock:
-            if self.closing:
-                for job in batch:
-                    job.send(("error", "the server is shutting down"))
-                return
-            batch = [job for job in batch if not job.cancelled]  # clients may have left while earlier batches ran
-            if not batch:
-                return
-            self.running, self.started = batch, self.started + 1
-        replies = [reply for job in batch for reply in job.replies]
-        owner = [(job, choice) for job in batch for choice in range(len(job.replies))]
-        prompt_of_row = [index for index, job in enumerate(batch) for _ in job.replies]
-        unfinished = {id(job): len(job.replies) for job in batch}
+            if self.closing:  # stop() has run or is running: these never start
+                return batch, owners, logits
+            for _ in candidates:
+                waiting.popleft()
+            self.running = self.running + candidates
+        for job in candidates:
+            if job.seed is not None:
+                job.generator = torch.Generator(device=self.chat.device).manual_seed(job.seed)
+        prompt_of_row = [index for index, job in enumerate(candidates) for _ in job.replies]
+        input_ids, attention_mask = pad_batch([job.prompt for job in candidates], self.chat.tokenizer.pad_token_id)
+        one_row_per_prompt = prompt_of_row == list(range(len(candidates)))
+        new_logits = batch.add(input_ids.to(self.chat.device), attention_mask.to(self.chat.device),
+                               max(job.max_tokens for job in candidates),
+                               None if one_row_per_prompt else torch.tensor(prompt_of_row, device=self.chat.device))
+        owners = owners + [(job, choice) for job in candidates for choice in range(len(job.replies))]
+        self.rows += len(prompt_of_row)
+        return batch, owners, (new_logits if logits is None else torch.cat([logits, new_logits]))
 
-        def on_text(row: int, piece: str) -> None:
-            job, choice = owner[row]
-            if job.stream:
-                job.send(("text", choice, piece))
-
-        def on_end(row: int) -> None:  # a request is answered when its rows are, not when the batch is
-            job, _ = owner[row]
-            unfinished[id(job)] -= 1
-            if not unfinished[id(job)]:
-                job.send(("done",))
-
-        try:
-            # Each decode draws from its own stream; a seeded job (decoded alone) from its seed's.
-            seed = batch[0].seed if batch[0].seed is not None else (self.seed * 1_000_003 + self.started) % 2**63
-            generator = torch.Generator(device=self.chat.device).manual_seed(seed)
-            self.chat.generate([job.prompt for job in batch], replies, prompt_of_row, batch[0].temperature,
-                               batch[0].top_p, generator, on_text, on_end)
-        except Exception as error:  # these requests fail; the server goes on
-            log.exception("decode failed")
-            for job in batch:
-                if unfinished[id(job)]:
-                    unfinished[id(job)] = 0
-                    job.send(("error", f"generation failed: {type(error).__name__}: {error}"))
-        else:
-            self.decodes, self.rows = self.decodes + 1, self.rows + len(replies)
-        finally:
+    def _step(self, batch: DecodeBatch, owners: list, logits: torch.Tensor) -> torch.Tensor:
+        """Draw each row's next token, give it to its reply, answer the jobs whose rows have all ended, and
+        run the model on the tokens of the batch; returns the next logits."""
+        groups: dict[tuple, list[int]] = {}
+        for row, (job, _) in enumerate(owners):
+            groups.setdefault(job.sampling_key(), []).append(row)
+        token = torch.empty(len(owners), dtype=torch.long, device=logits.device)
+        for rows in groups.values():
+            job = owners[rows[0]][0]
+            index = torch.tensor(rows, device=logits.device)
+            token[index] = next_tokens(logits[index], job.temperature, job.top_p, job.generator or self.generator,
+                                       banned=self.chat.tokenizer.pad_token_id)[0]
+        eos_id = self.chat.tokenizer.eos_token_id
+        for (job, choice), value in zip(owners, token.tolist()):
+            reply = job.replies[choice]
+            if reply.finish_reason is None:
+                piece = reply.add(value, eos_id)
+                if piece and job.stream:
+                    job.send(("text", choice, piece))
+        self.steps += 1
+        answered = [job for job in self.running if job.finished]
+        if answered:
             with self.lock:
-                self.running = []
-        for job in batch:  # rows cancelled by a client that left end without on_end
-            if unfinished[id(job)]:
-                job.send(("done",))
+                self.running = [job for job in self.running if not job.finished]
+            for job in answered:  # a request is answered when its rows are, not when the batch is
+                job.end(("done",))
+        if all(job.replies[choice].finish_reason is not None for job, choice in owners):
+            return logits  # nothing left to decode; the next `_join` empties the batch
+        return batch.forward(token)
+
+    def _fail(self, error: Exception):
+        """A failed step fails the requests in the decode; the thread goes on with an empty one."""
+        log.exception("decode failed")
+        with self.lock:
+            failed, self.running = self.running, []
+        for job in failed:
+            job.cancel()
+            job.end(("error", f"generation failed: {type(error).__name__}: {error}"))
+        return DecodeBatch(self.chat.model), [], None
 
 
 def message_text(content: str | list[dict] | None) -> str:
@@ -523,7 +568,7 @@ def create_app(chat: ChatModel, config: ServeConfig):
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    limits = BatchLimits(config.max_batch_rows, config.max_batch_tokens, chat.context)
+    limits = BatchLimits(config.max_batch_rows, config.max_batch_tokens)
     batcher = Batcher(chat, limits, config.batch_window_ms / 1000, config.seed, config.max_queued)
     model_name = chat.path
 
@@ -601,7 +646,7 @@ def create_app(chat: ChatModel, config: ServeConfig):
     @app.get("/health")
     def health():
         alive = batcher.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "down", "policy": model_name, "decodes": batcher.decodes,
+        return JSONResponse({"status": "ok" if alive else "down", "policy": model_name, "steps": batcher.steps,
                              "rows": batcher.rows, "queued": batcher.jobs.qsize(), "max_new_tokens": config.max_new_tokens},
                             status_code=200 if alive else 503)
 
@@ -635,7 +680,7 @@ def create_app(chat: ChatModel, config: ServeConfig):
         top_p = config.top_p if body.top_p is None else body.top_p
         replies = [Reply(chat.tokenizer, max_tokens, stop) for _ in range(body.n)]
         job = Job(prompt, replies, temperature, top_p, body.seed, body.stream, asyncio.get_running_loop())
-        if not limits.fit([job]):
+        if not limits.fits_alone(job):
             return error(400, f"n x (prompt + max_tokens) = {body.n} x {len(prompt) + max_tokens} tokens is more "
                               f"than one decode holds here (--max-batch-tokens {config.max_batch_tokens})", "n")
         if not batcher.submit(job):
