@@ -469,8 +469,8 @@ class Batcher:
 
     def _join(self, batch: DecodeBatch, owners: list, logits, waiting: deque):
         """Drop the rows that have ended, then add the waiting jobs that fit."""
-        while waiting and waiting[0].cancelled:  # its client left while it waited
-            waiting.popleft()
+        for job in [job for job in waiting if job.cancelled]:  # its client left while it waited
+            waiting.remove(job)
 
         def joining() -> list[Job]:
             return self.limits.joining(batch, self.running, waiting) if batch.joinable or not owners else []
@@ -526,12 +526,11 @@ class Batcher:
                 if piece and job.stream:
                     job.send(("text", choice, piece))
         self.steps += 1
-        answered = [job for job in self.running if job.finished]
-        if answered:
-            with self.lock:
-                self.running = [job for job in self.running if not job.finished]
-            for job in answered:  # a request is answered when its rows are, not when the batch is
-                job.end(("done",))
+        with self.lock:
+            answered = [job for job in self.running if job.finished]
+            self.running = [job for job in self.running if job not in answered]
+        for job in answered:  # a request is answered when its rows are, not when the batch is
+            job.end(("done",))
         if all(job.replies[choice].finish_reason is not None for job, choice in owners):
             return logits  # nothing left to decode; the next `_join` empties the batch
         return batch.forward(token)
