@@ -9,7 +9,7 @@ What makes a step cheap on CPU (measured in bench/attention.py): linear weights 
 oneDNN (`models.packed_linears`), a KV cache written in place and read without copies by a fused
 attention kernel (`models.grouped_attention`), and one uniform draw per row to sample.
 Each response ends at its first EOS, and we keep whether it had one (PPO gives responses without EOS a
-fixed low score).
+fixed low score). `DecodeBatch` holds a decode's rows; `instrugo serve` adds rows to a running one.
 """
 
 from __future__ import annotations
@@ -292,7 +292,8 @@ class DecodeBatch:
         joining = len(self) > 0
         if joining and not self.joinable:
             raise ValueError("rows cannot join this model's cache while others decode")
-        cache, logits = prompt_pass(self.model, input_ids, attention_mask, width if joining else width + new_tokens)
+        cache, logits = prompt_pass(self.model, input_ids, attention_mask, width if joining else width + new_tokens,
+                                    PROMPT_PASS_ROWS)
         positions = positions_skipping_padding(attention_mask)
         if prompt_of_row is not None:
             cache.batch_select_indices(prompt_of_row)
@@ -344,12 +345,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     training. The pad token is never sampled: it is a real vocabulary entry and would read as padding."""
     batch = DecodeBatch(model)
     logits = batch.add(input_ids, attention_mask, max_new_tokens, prompt_of_row)
-    rows = torch.arange(len(batch))                # original row of each row still in the batch
-    finished = torch.zeros(len(batch), dtype=torch.bool)  # emitted EOS, waiting to be dropped
+    size = len(batch)
+    rows = torch.arange(size)                       # original row of each row still in the batch
+    finished = torch.zeros(size, dtype=torch.bool)  # emitted EOS, waiting to be dropped
     greedy = temperature <= 0
-    tokens: list[list[int]] = [[] for _ in rows]
-    logprobs: list[list[float | None]] = [[] for _ in rows]
-    has_eos = [False] * len(rows)
+    tokens: list[list[int]] = [[] for _ in range(size)]
+    logprobs: list[list[float | None]] = [[] for _ in range(size)]
+    has_eos = [False] * size
     for step in range(max_new_tokens):
         token, token_logprob = next_tokens(logits, temperature, top_p, generator, banned=pad_id)
         row_logprobs = [None] * len(rows) if greedy else token_logprob.tolist()
