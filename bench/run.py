@@ -62,6 +62,7 @@ class Settings:
     max_length: int = 384             # tokens of prompt + response (SFT and RM)
     rm_prompts: dict[int, int] = field(default_factory=lambda: {4: 96, 9: 32})  # per K: TRL's pairs grow as K²
     rm_sequences_per_forward: int = 16  # both sides: ~16 sequences per forward pass and per optimiser step
+    rm_trl_sequences_per_forward: int | None = None  # TRL's, where it differs from instrugo's
     rm_lrs: tuple[float, ...] = (2e-5,)  # both sides train at each; several: also each side at its best
     heldout_fraction: float = 0.1
     rm_test_prompts: int = 100        # per K: further prompts whose rankings only measure accuracy, both sides
@@ -275,8 +276,9 @@ def bench_rm(h: Harness, model: str, inputs: dict, precision: str, ceiling: floa
             ours_job = {**common, "tasks": data["tasks"], "prompts_per_batch": prompts_per_batch,
                         "micro_batch_prompts": micro, "heldout_fraction": s.heldout_fraction, "split_seed": s.seed}
             ours = h.measure("instrugo", f"rm-k{k}{tag}-{model}", ours_job, s.rm_seeds, vary_seed=True)
+            trl_sequences = s.rm_trl_sequences_per_forward or s.rm_sequences_per_forward
             theirs = h.measure("trl", f"rm-k{k}{tag}-{model}", {**common, "pairs": data["pairs_trl"],
-                                                               "pairs_per_batch": s.rm_sequences_per_forward // 2},
+                                                               "pairs_per_batch": trl_sequences // 2},
                                s.rm_seeds, vary_seed=True)
             # Both models judged by instrugo's evaluator on the same tasks: the held-out prompts of the training
             # set (~10 prompts: one standard error ~6 points) and the larger test set of unseen prompts.
@@ -378,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-k", type=int, nargs="+", help="reward-model benchmark only at these K (of the mode's)")
     parser.add_argument("--rm-lrs", type=float, nargs="+",
                         help="train both reward models at each learning rate and compare each side at its best")
-    parser.add_argument("--rm-sequences", type=int,
-                        help="sequences per reward-model step on both sides (instrugo: this / K prompts; TRL: this / 2 pairs)")
+    parser.add_argument("--rm-sequences", type=int, nargs="+", metavar="N",
+                        help="sequences per reward-model step (instrugo: N / K prompts; TRL: N / 2 pairs); a second "
+                             "value sets TRL's apart, e.g. '4 8' for each side's best at K = 4")
     parser.add_argument("--rm-seeds", type=int, help="reward-model runs per side and lr, each with its own seed (medians)")
     parser.add_argument("--out", help="write every raw result and the table to this JSON file")
     parser.add_argument("--keep", help="keep run directories and job logs here instead of a temp dir")
@@ -395,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rm_lrs:
         settings = dataclasses.replace(settings, rm_lrs=tuple(args.rm_lrs))
     if args.rm_sequences:
-        settings = dataclasses.replace(settings, rm_sequences_per_forward=args.rm_sequences)
+        if len(args.rm_sequences) > 2:
+            parser.error("--rm-sequences: one value for both sides, or instrugo's and TRL's")
+        settings = dataclasses.replace(settings, rm_sequences_per_forward=args.rm_sequences[0],
+                                       rm_trl_sequences_per_forward=args.rm_sequences[-1])
     if args.rm_seeds:
         settings = dataclasses.replace(settings, rm_seeds=args.rm_seeds)
 
@@ -439,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     subset = "" if args.only == list(BENCHMARKS) else f" ({', '.join(args.only)} only)"
     bf16_ceiling = (f"{hardware[0]['bf16_gflops']:.0f}" if hardware[0]["bf16_size"] == settings.matmul_size else
                     f"{hardware[0]['bf16_gflops']:.2g} (emulated: measured at {hardware[0]['bf16_size']}²)")
+    trl_sequences = ("" if settings.rm_trl_sequences_per_forward in (None, settings.rm_sequences_per_forward)
+                     else f", TRL {settings.rm_trl_sequences_per_forward}")
     header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
               f"SFT epochs, {settings.rm_seeds} seed(s) of RM epochs ({settings.rm_sequences_per_forward} sequences "
-              f"per step), precision {precision} on both sides; "
+              f"per step{trl_sequences}), precision {precision} on both sides; "
               f"matmul ceiling bf16 {bf16_ceiling} GFLOP/s, fp32 {hardware[0]['fp32_gflops']:.0f} "
               f"GFLOP/s ({hardware[0]['threads']} threads; the FLOP/s column divides by {precision}'s); "
               f"{machine_description()}; {started:%Y-%m-%d %H:%M} UTC"
