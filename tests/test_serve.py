@@ -220,12 +220,75 @@ def test_a_request_joins_the_running_decode_and_is_answered_when_its_rows_end(ti
             time.sleep(0.001)
         # `short` joined the running decode and was answered after its 3 tokens, while `long` went on.
         assert events(short)[-1] == ("done",) and len(short.replies[0].tokens) == 3
-        assert 5 < len(long.replies[0].tokens) < 100 and long.replies[0].finish_reason is None
+        assert len(long.replies[0].tokens) > 5 and long.replies[0].finish_reason is None
         while not long.answered and time.monotonic() < deadline:
             time.sleep(0.01)
         assert events(long)[-1] == ("done",) and len(long.replies[0].tokens) == 200
         # One decode: `short`'s tokens were steps `long` took anyway.
         assert (batcher.steps, batcher.rows) == (200, 2)
+    finally:
+        batcher.stop(timeout_s=10)
+
+
+def test_a_request_whose_client_left_during_a_step_frees_its_place(tiny_chat, monkeypatch):
+    """The only running request is cancelled while the model runs a step: it must leave the running list,
+    or the next request (which cannot join beside it: one row at most) would wait forever."""
+    from instrugo.generation import DecodeBatch
+
+    batcher = tiny_batcher(tiny_chat, rows=1)
+    first, second = chat_job(tiny_chat, 50, stream=False), chat_job(tiny_chat, 3, stream=False)
+    real_forward, calls = DecodeBatch.forward, []
+
+    def forward_while_the_client_leaves(self, token):
+        calls.append(1)
+        if len(calls) == 3:
+            first.cancel()
+            assert batcher.submit(second)
+        return real_forward(self, token)
+
+    monkeypatch.setattr(DecodeBatch, "forward", forward_while_the_client_leaves)
+    try:
+        assert batcher.submit(first)
+        deadline = time.monotonic() + 30
+        while not second.answered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events(second) == [("done",)] and len(second.replies[0].tokens) == 3
+        assert first.cancelled and events(first) == [("done",)]
+    finally:
+        batcher.stop(timeout_s=10)
+
+
+def test_an_ended_row_leaves_before_its_positions_pass_the_context(tiny_chat, monkeypatch):
+    """One row of ten ends (too few to drop at once) with its prompt and reply filling the context: it must
+    leave before the next step would give it a position past the context."""
+    from instrugo.generation import DecodeBatch
+
+    def ask(content, rows, max_tokens):
+        prompt = tiny_chat.encode([{"role": "user", "content": content}])
+        return Job(prompt, [Reply(tiny_chat.tokenizer, max_tokens) for _ in range(rows)], 0.0, 1.0, None, False,
+                   ImmediateLoop())
+
+    longest, real_forward = [], DecodeBatch.forward
+
+    def recording_forward(self, token):
+        longest.append(int(self.next_position.max()))
+        return real_forward(self, token)
+
+    monkeypatch.setattr(DecodeBatch, "forward", recording_forward)
+    going_on = ask("Hi", 9, 30)
+    context = len(going_on.prompt) + 30  # both requests' prompts and replies fill it exactly
+    monkeypatch.setattr(tiny_chat, "context", context)
+    longer = tiny_chat.encode([{"role": "user", "content": "Tell me all about the history of tennis."}])
+    ending = ask("Tell me all about the history of tennis.", 1, context - len(longer))
+    assert ending.max_tokens < 30 - 5  # it ends 5 or more steps before the others
+    batcher = tiny_batcher(tiny_chat, rows=16, window_s=1.0)  # both join the decode together
+    assert batcher.submit(ending) and batcher.submit(going_on)
+    try:
+        deadline = time.monotonic() + 30
+        while not going_on.answered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events(ending) == events(going_on) == [("done",)]
+        assert max(longest) < context
     finally:
         batcher.stop(timeout_s=10)
 

@@ -181,10 +181,10 @@ class PreallocatedLayer(DynamicLayer):
         """This layer's rows (their written `columns`), then `piece`'s rows, in new buffers of `capacity`
         columns, both right-aligned at column `end` as left padding aligns them (columns to the left stay
         zero: padding, masked in attention)."""
-        rows, heads, _, dims = self.key_buffer.shape
         width = columns.stop - columns.start
         for name in ("key_buffer", "value_buffer"):
             old, new_rows = getattr(self, name), getattr(piece, name)
+            rows, heads, _, dims = old.shape  # keys and values may differ in head size
             buffer = old.new_empty(rows + new_rows.shape[0], heads, capacity, dims)
             buffer[:, :, :end].zero_()
             buffer[:rows, :, end - width:end] = old[:, :, columns]
@@ -256,7 +256,6 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.attention_mask = self.next_position = None
         self.capacity = 0  # columns the cache buffers hold
-        self.last_position = (getattr(model.config, "max_position_embeddings", None) or 2**62) - 1
 
     def __len__(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[0]
@@ -317,10 +316,8 @@ class DecodeBatch:
     def forward(self, token: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token; returns the logits of the token after it."""
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self), 1)], dim=1)
-        # A row that has ended stays until rows leave together; its positions must stay valid (nobody reads its tokens).
-        positions = self.next_position.clamp(max=self.last_position)[:, None]
-        logits = self.model(input_ids=token[:, None], attention_mask=self.attention_mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        logits = self.model(input_ids=token[:, None], attention_mask=self.attention_mask,
+                            position_ids=self.next_position[:, None], past_key_values=self.cache, use_cache=True).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
 

@@ -326,8 +326,8 @@ class Job:
     def end(self, event: tuple) -> None:
         """Answer the request ("done" or "error"), once."""
         if not self.answered:
-            self.answered = True
             self.send(event)
+            self.answered = True
 
     def cancel(self) -> None:
         for reply in self.replies:
@@ -400,13 +400,14 @@ class Batcher:
 
     def submit(self, job: Job) -> bool:
         """Queue `job`; False when the queue is full or nothing will decode it (stopping, or the thread died)."""
-        if self.closing or not self.thread.is_alive():
-            return False
-        try:
-            self.jobs.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
+        with self.lock:  # stop() drains the queue after setting `closing`: nothing may slip in behind it
+            if self.closing or not self.thread.is_alive():
+                return False
+            try:
+                self.jobs.put_nowait(job)
+                return True
+            except queue.Full:
+                return False
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Fail the queued requests, cancel the running ones, and end the thread."""
@@ -469,6 +470,7 @@ class Batcher:
 
     def _join(self, batch: DecodeBatch, owners: list, logits, waiting: deque):
         """Drop the rows that have ended, then add the waiting jobs that fit."""
+        self._answer_finished()  # a client may have left during the last step: its job no longer holds rows
         for job in [job for job in waiting if job.cancelled]:  # its client left while it waited
             waiting.remove(job)
 
@@ -477,7 +479,9 @@ class Batcher:
 
         candidates = joining()
         ended = [row for row, (job, choice) in enumerate(owners) if job.replies[choice].finish_reason is not None]
-        if ended and (candidates or len(ended) * 8 >= len(owners)):  # dropping copies the cache: rows leave in groups
+        # Dropping copies the cache, so rows leave in groups; and before an ended row's positions pass the context
+        # (a live row's never do: its prompt and reply fit).
+        if ended and (candidates or len(ended) * 8 >= len(owners) or int(batch.next_position.max()) >= self.chat.context):
             if len(ended) == len(owners):
                 batch, owners, logits = DecodeBatch(self.chat.model), [], None
             else:
@@ -526,14 +530,19 @@ class Batcher:
                 if piece and job.stream:
                     job.send(("text", choice, piece))
         self.steps += 1
-        with self.lock:
-            answered = [job for job in self.running if job.finished]
-            self.running = [job for job in self.running if job not in answered]
-        for job in answered:  # a request is answered when its rows are, not when the batch is
-            job.end(("done",))
+        self._answer_finished()
         if all(job.replies[choice].finish_reason is not None for job, choice in owners):
             return logits  # nothing left to decode; the next `_join` empties the batch
         return batch.forward(token)
+
+    def _answer_finished(self) -> None:
+        """Answer the running jobs whose rows have all ended (EOS, stop, length, or their client left): a
+        request is answered when its rows are, not when the batch is."""
+        with self.lock:
+            answered = [job for job in self.running if job.finished]
+            self.running = [job for job in self.running if job not in answered]
+        for job in answered:
+            job.end(("done",))
 
     def _fail(self, error: Exception):
         """A failed step fails the requests in the decode; the thread goes on with an empty one."""
