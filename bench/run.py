@@ -400,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rm_sequences:
         if len(args.rm_sequences) > 2:
             parser.error("--rm-sequences: one value for both sides, or instrugo's and TRL's")
-        settings = dataclasses.replace(settings, rm_sequences_per_forward=args.rm_sequences[0],
-                                       rm_trl_sequences_per_forward=args.rm_sequences[-1])
+        instrugo_sequences, *trl_sequences = args.rm_sequences
+        settings = dataclasses.replace(settings, rm_sequences_per_forward=instrugo_sequences,
+                                       rm_trl_sequences_per_forward=trl_sequences[0] if trl_sequences else None)
     if args.rm_seeds:
         settings = dataclasses.replace(settings, rm_seeds=args.rm_seeds)
 
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     subset = "" if args.only == list(BENCHMARKS) else f" ({', '.join(args.only)} only)"
     bf16_ceiling = (f"{hardware[0]['bf16_gflops']:.0f}" if hardware[0]["bf16_size"] == settings.matmul_size else
                     f"{hardware[0]['bf16_gflops']:.2g} (emulated: measured at {hardware[0]['bf16_size']}²)")
-    trl_sequences = ("" if settings.rm_trl_sequences_per_forward in (None, settings.rm_sequences_per_forward)
+    trl_sequences = ("" if settings.rm_trl_sequences_per_forward is None
                      else f", TRL {settings.rm_trl_sequences_per_forward}")
     header = (f"mode {args.mode}{subset}, {settings.repeats} repeat(s) of PPO and generation, {settings.train_repeats} of "
               f"SFT epochs, {settings.rm_seeds} seed(s) of RM epochs ({settings.rm_sequences_per_forward} sequences "

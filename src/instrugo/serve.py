@@ -354,8 +354,12 @@ class BatchLimits:
     rows: int
     cached_tokens: int
 
+    def holds(self, rows: int, width: int) -> bool:
+        """Whether a decode of `rows` rows with caches `width` columns wide is within the limits."""
+        return rows <= self.rows and rows * width <= self.cached_tokens
+
     def fits_alone(self, job: Job) -> bool:
-        return len(job.replies) <= self.rows and len(job.replies) * (len(job.prompt) + job.max_tokens) <= self.cached_tokens
+        return self.holds(len(job.replies), len(job.prompt) + job.max_tokens)
 
     def joining(self, batch: DecodeBatch, running: list[Job], waiting: Sequence[Job]) -> list[Job]:
         """The first waiting jobs, in arrival order, that join `batch` (which holds `running`'s rows) now.
@@ -369,7 +373,7 @@ class BatchLimits:
                 break
             candidates = joining + [job]
             width = batch.width_after_adding(max(len(j.prompt) for j in candidates), max(j.max_tokens for j in candidates))
-            if rows + len(job.replies) > self.rows or (rows + len(job.replies)) * width > self.cached_tokens:
+            if not self.holds(rows + len(job.replies), width):
                 break
             joining, rows = candidates, rows + len(job.replies)
             if job.seed is not None:
@@ -470,7 +474,7 @@ class Batcher:
 
     def _join(self, batch: DecodeBatch, owners: list, logits, waiting: deque):
         """Drop the rows that have ended, then add the waiting jobs that fit."""
-        self._answer_finished()  # a client may have left during the last step: its job no longer holds rows
+        self._answer_finished()  # after the last step; a client may also have left during it
         for job in [job for job in waiting if job.cancelled]:  # its client left while it waited
             waiting.remove(job)
 
@@ -511,8 +515,8 @@ class Batcher:
         return batch, owners, (new_logits if logits is None else torch.cat([logits, new_logits]))
 
     def _step(self, batch: DecodeBatch, owners: list, logits: torch.Tensor) -> torch.Tensor:
-        """Draw each row's next token, give it to its reply, answer the jobs whose rows have all ended, and
-        run the model on the tokens of the batch; returns the next logits."""
+        """Draw each row's next token, give it to its reply, and run the model on the tokens of the batch;
+        returns the next logits. (The jobs whose rows have all ended are answered by the next `_join`.)"""
         groups: dict[tuple, list[int]] = {}
         for row, (job, _) in enumerate(owners):
             groups.setdefault(job.sampling_key(), []).append(row)
@@ -530,7 +534,6 @@ class Batcher:
                 if piece and job.stream:
                     job.send(("text", choice, piece))
         self.steps += 1
-        self._answer_finished()
         if all(job.replies[choice].finish_reason is not None for job, choice in owners):
             return logits  # nothing left to decode; the next `_join` empties the batch
         return batch.forward(token)
