@@ -226,6 +226,19 @@ def test_no_eos_penalty():
     close(losses.no_eos_penalty(torch.tensor([0.3]), torch.tensor([0]), penalty=-5.0), [-5.0])
 
 
+def test_leave_one_out_baseline_by_hand():
+    # groups (1, 2, 6) and (0, 4, -1): 1 − (2+6)/2 = −3, 2 − 3.5 = −1.5, 6 − 1.5 = 4.5; 0 − 1.5, 4 − (−0.5), −1 − 2
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0, -1.0])
+    close(losses.leave_one_out_baseline(scores, 3), [-3.0, -1.5, 4.5, -1.5, 4.5, -3.0])
+    # a prompt's offset cancels: adding 10 to one group changes nothing
+    close(losses.leave_one_out_baseline(scores + torch.tensor([10.0] * 3 + [0.0] * 3), 3),
+          [-3.0, -1.5, 4.5, -1.5, 4.5, -3.0])
+    close(losses.leave_one_out_baseline(torch.tensor([1.0, 3.0]), 2), [-2.0, 2.0])
+    for group_size in (1, 4):
+        with pytest.raises(ValueError, match="leave-one-out"):
+            losses.leave_one_out_baseline(scores, group_size)
+
+
 GAE_REWARDS = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.2, -1.0, 5.0, 5.0]])  # beyond the mask: ignored
 GAE_VALUES = torch.tensor([[0.5, 0.6, 0.7, 9.0], [0.1, 0.3, 4.0, 4.0]])
 GAE_MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])

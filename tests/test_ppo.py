@@ -242,6 +242,43 @@ def test_gold_reward_scores_rollouts_with_the_judge_not_the_reward_model(tmp_pat
     assert all(r["score_with_penalty"] == pytest.approx(0.37) and r["gold_score"] == pytest.approx(0.37) for r in rows)
 
 
+def test_responses_to_one_prompt_are_scored_against_each_other(tmp_path, monkeypatch):
+    """samples_per_prompt=2 with score_baseline='others': each iteration's 8 episodes are 4 prompts x 2
+    responses, the prompt set is walked without skipping, and the score each episode's rewards get is its
+    judge score less the other response's (the leave-one-out mean of a pair)."""
+    import instrugo.judge
+    from instrugo import losses
+    from instrugo.judge.gold import GoldVerdict
+    from instrugo.ppo import run_ppo
+
+    judged_prompts, judge_scores, shaped_scores = [], [], []
+
+    def length_judge(record, response):
+        judged_prompts.append(record["id"])
+        judge_scores.append(len(response) % 7 / 7)
+        return GoldVerdict(score=judge_scores[-1], constraint_results=[], constraint_fraction=1.0, all_passed=True,
+                           topicality=1.0, quality=1.0, n_words=1, reasons=[])
+
+    kl_penalized_rewards = losses.kl_penalized_rewards
+
+    def recording_rewards(score, *args, **kwargs):
+        shaped_scores.extend(score.tolist())
+        return kl_penalized_rewards(score, *args, **kwargs)
+
+    monkeypatch.setattr(instrugo.judge, "gold_judge", length_judge)
+    monkeypatch.setattr(losses, "kl_penalized_rewards", recording_rewards)
+    # The tiny random model seldom ends a response, and the no-EOS score would make every score alike.
+    monkeypatch.setattr(losses, "no_eos_penalty", lambda scores, has_eos, penalty: scores)
+    rm = tiny_reward_model(tmp_path)
+    run_ppo(tiny_ppo_config(tmp_path, rm, reward="gold", ptx_coef=0.0, ema_decay=0.0,
+                            samples_per_prompt=2, score_baseline="others"))
+    assert judged_prompts[0::2] == judged_prompts[1::2]  # pairs of the same prompt
+    assert len(set(judged_prompts)) == 12  # 3 iterations x 4 prompts, none repeated
+    expected = [x for a, b in zip(judge_scores[0::2], judge_scores[1::2]) for x in (a - b, b - a)]
+    assert shaped_scores == pytest.approx(expected)
+    assert any(abs(x) > 1e-6 for x in expected)
+
+
 def test_gold_reward_needs_constraints_on_every_prompt(tmp_path):
     import json
 

@@ -185,6 +185,21 @@ def no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float =
     return torch.where(has_eos.bool(), scores, torch.full_like(scores, penalty))
 
 
+def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of the other scores in its group ([B] → [B]).
+
+    Groups are runs of `group_size` consecutive entries: the responses sampled for one prompt. RLOO
+    (Ahmadian et al. 2024): the baseline does not depend on the response it is subtracted from, so the
+    policy gradient stays unbiased, while what a prompt's difficulty adds to every one of its scores cancels.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"leave-one-out needs groups of >= 2 that divide the batch ({scores.shape[0]} scores, "
+                         f"groups of {group_size})")
+    groups = scores.view(-1, group_size)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).view(-1)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last position where `mask` is set, per row ([B, T] → [B]); 0 for an empty row."""
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)

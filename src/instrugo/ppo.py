@@ -1,7 +1,8 @@
 """Step 3 of InstructGPT: PPO against the reward model, with a per-token KL penalty and PPO-ptx.
 
 Each iteration (REFERENCE §3–§4):
-1. rollout: sample one response per prompt from the policy (temperature 1), truncated after its first EOS;
+1. rollout: sample one response per prompt from the policy (temperature 1), truncated after its first EOS
+   (or `samples_per_prompt` of them, whose scores can then be measured against each other: `score_baseline`);
 2. score: the reward model reads the prompt and response as *text* (its own tokenizer); a response with
    no EOS gets a fixed low score; the frozen SFT reference and the value network read the policy's
    tokens in one forward pass each; the policy's own log-probs are the sampler's (in fp32; under bf16 the
@@ -68,6 +69,13 @@ class PPOConfig:
     out: str = option("runs/ppo", "Output directory.")
     total_episodes: int = option(1024, "Episodes in the whole run (InstructGPT: 256k).")
     episodes_per_batch: int = option(64, "Episodes generated per iteration (InstructGPT: 512).")
+    samples_per_prompt: int = option(1, "Responses sampled for each prompt of an iteration (InstructGPT: 1); "
+                                        "episodes_per_batch counts responses, so it covers episodes_per_batch / "
+                                        "samples_per_prompt prompts.")
+    score_baseline: str = option("none", "none, or 'others': subtract from each response's score the mean score of "
+                                         "the other responses to its prompt (RLOO's leave-one-out baseline; needs "
+                                         "samples_per_prompt >= 2), so advantages tell which response to a prompt "
+                                         "was better, not which prompt was easier.")
     minibatches: int = option(4, "Optimiser steps per PPO epoch (InstructGPT: 512/64 = 8).")
     micro_batch_size: int = option(8, "Episodes per forward/backward pass.")
     ppo_epochs: int = option(1, "Passes over each batch (InstructGPT: 1; N+: 4).")
@@ -133,6 +141,11 @@ class PPOConfig:
         require(per_minibatch % self.micro_batch_size == 0 or self.micro_batch_size >= per_minibatch,
                 "micro_batch_size", f"must divide the minibatch size ({per_minibatch:g} episodes)")
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+        require(self.samples_per_prompt > 0 and self.episodes_per_batch % self.samples_per_prompt == 0,
+                "samples_per_prompt", f"must be positive and divide episodes_per_batch ({self.episodes_per_batch})")
+        require(self.score_baseline in ("none", "others"), "score_baseline", "must be none or others")
+        require(self.score_baseline == "none" or self.samples_per_prompt >= 2, "score_baseline",
+                "'others' needs samples_per_prompt >= 2")
         require(self.reward in ("model", "gold"), "reward", "must be model or gold")
         require(self.rollout_logprobs in ("auto", "sampler", "recompute"), "rollout_logprobs",
                 "must be auto, sampler or recompute")
@@ -303,6 +316,9 @@ def run_ppo(config: PPOConfig) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     require(config.episodes_per_batch % (world * config.minibatches) == 0, "episodes_per_batch",
             f"must split evenly into {world} processes x {config.minibatches} minibatches")
+    # A prompt's responses stay on one process: the leave-one-out baseline reads them together.
+    require(config.episodes_per_batch % (world * config.samples_per_prompt) == 0, "episodes_per_batch",
+            f"must split evenly into {world} processes x groups of {config.samples_per_prompt} responses")
     training.seed_everything(config.seed, rank)
 
     # Four models: the policy and the value network train; the reference and the reward model are frozen.
@@ -373,7 +389,11 @@ def run_ppo(config: PPOConfig) -> Path:
     if accelerator.is_main_process:
         minibatch = config.episodes_per_batch // config.minibatches
         print(f"ppo: {iterations} iterations x {config.episodes_per_batch} episodes = {iterations * config.episodes_per_batch} "
-              f"episodes; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
+              f"episodes"
+              + (f" ({config.episodes_per_batch // config.samples_per_prompt} prompts x {config.samples_per_prompt} responses "
+                 f"per iteration, scores {'less the mean of the other responses' if config.score_baseline == 'others' else 'as they are'})"
+                 if config.samples_per_prompt > 1 else "")
+              + f"; each iteration {config.ppo_epochs} epoch(s) x {config.minibatches} minibatches of {minibatch} "
               f"episodes (micro-batches of {config.micro_batch_size} -> {max(1, minibatch // config.micro_batch_size)} "
               f"accumulation steps per optimiser step), "
               f"{(iterations - config.value_warmup_iterations) * steps_per_iteration} policy optimiser steps"
@@ -394,16 +414,20 @@ def run_ppo(config: PPOConfig) -> Path:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         # Prompts of this iteration: a deterministic slice per process, cycling through the prompt set.
+        # Each prompt's samples_per_prompt episodes are neighbours (the baseline's groups).
         per_process = config.episodes_per_batch // world
-        first = (iteration * config.episodes_per_batch + rank * per_process) % len(records)
-        batch_indices = [(first + i) % len(records) for i in range(per_process)]
+        prompts_per_process = per_process // config.samples_per_prompt
+        first = (iteration * world + rank) * prompts_per_process % len(records)
+        prompt_indices = [(first + i) % len(records) for i in range(prompts_per_process)]
+        batch_indices = [i for i in prompt_indices for _ in range(config.samples_per_prompt)]
         batch_records = [records[i] for i in batch_indices]
 
         # 1. rollout
         unwrapped_policy = accelerator.unwrap_model(policy)
-        samples = [s[0] for s in sample_responses(unwrapped_policy, tokenizer, [r["messages"] for r in batch_records],
-                                                   n=1, config=sampling, precision=precision,
-                                                   seed=config.seed * 1000 + iteration * world + rank)]
+        samples = [s for group in sample_responses(unwrapped_policy, tokenizer, [records[i]["messages"] for i in prompt_indices],
+                                                   n=config.samples_per_prompt, config=sampling, precision=precision,
+                                                   seed=config.seed * 1000 + iteration * world + rank)
+                   for s in group]
         timings["generate"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
@@ -425,7 +449,9 @@ def run_ppo(config: PPOConfig) -> Path:
                         precision, batch_size=config.micro_batch_size), device=device)
             has_eos = torch.tensor([s.has_eos for s in samples], device=device)
             scores = losses.no_eos_penalty(raw_scores, has_eos, config.no_eos_score)
-            rollout = Rollout(query, query_mask, response, response_mask, scores)
+            rollout = Rollout(query, query_mask, response, response_mask,
+                              losses.leave_one_out_baseline(scores, config.samples_per_prompt)
+                              if config.score_baseline == "others" else scores)
             rollout.ref_logprobs, rollout.values = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
             rollout.logprobs = (sampler_logprobs(samples, response.shape[1]).to(device) if reuse_logprobs
                                 else torch.zeros_like(response_mask))
