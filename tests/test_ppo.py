@@ -244,16 +244,25 @@ def test_gold_reward_scores_rollouts_with_the_judge_not_the_reward_model(tmp_pat
 
 def test_responses_to_one_prompt_are_scored_against_each_other(tmp_path, monkeypatch):
     """samples_per_prompt=2 with score_baseline='others': each iteration's 8 episodes are 4 prompts x 2
-    responses, the prompt set is walked without skipping, and the score each episode's rewards get is its
-    judge score less the other response's (the leave-one-out mean of a pair)."""
+    responses, each judged with its own prompt, the prompt set is walked without skipping, and the score
+    each episode's rewards get is its judge score less the other response's (the leave-one-out mean of a
+    pair)."""
     import instrugo.judge
-    from instrugo import losses
+    import instrugo.ppo
+    from instrugo import losses, runio
+    from instrugo.data import load_examples
     from instrugo.judge.gold import GoldVerdict
-    from instrugo.ppo import run_ppo
 
-    judged_prompts, judge_scores, shaped_scores = [], [], []
+    sampled, judged_prompts, judge_scores, shaped_scores = [], [], [], []
+    sample_responses = instrugo.ppo.sample_responses
+
+    def recording_sampler(model, tokenizer, prompts, **kwargs):
+        groups = sample_responses(model, tokenizer, prompts, **kwargs)  # one list of responses per prompt
+        sampled.extend((s.text, str(prompt)) for prompt, group in zip(prompts, groups) for s in group)
+        return groups
 
     def length_judge(record, response):
+        assert (response, str(record["messages"])) in sampled  # judged with the prompt it answers
         judged_prompts.append(record["id"])
         judge_scores.append(len(response) % 7 / 7)
         return GoldVerdict(score=judge_scores[-1], constraint_results=[], constraint_fraction=1.0, all_passed=True,
@@ -265,18 +274,22 @@ def test_responses_to_one_prompt_are_scored_against_each_other(tmp_path, monkeyp
         shaped_scores.extend(score.tolist())
         return kl_penalized_rewards(score, *args, **kwargs)
 
+    monkeypatch.setattr(instrugo.ppo, "sample_responses", recording_sampler)
     monkeypatch.setattr(instrugo.judge, "gold_judge", length_judge)
     monkeypatch.setattr(losses, "kl_penalized_rewards", recording_rewards)
     # The tiny random model seldom ends a response, and the no-EOS score would make every score alike.
     monkeypatch.setattr(losses, "no_eos_penalty", lambda scores, has_eos, penalty: scores)
     rm = tiny_reward_model(tmp_path)
-    run_ppo(tiny_ppo_config(tmp_path, rm, reward="gold", ptx_coef=0.0, ema_decay=0.0,
-                            samples_per_prompt=2, score_baseline="others"))
-    assert judged_prompts[0::2] == judged_prompts[1::2]  # pairs of the same prompt
-    assert len(set(judged_prompts)) == 12  # 3 iterations x 4 prompts, none repeated
+    out = instrugo.ppo.run_ppo(tiny_ppo_config(tmp_path, rm, reward="gold", ptx_coef=0.0, ema_decay=0.0,
+                                               samples_per_prompt=2, score_baseline="others"))
+    first_prompts = [r["id"] for r in load_examples("instrugo:ppo")[:12]]  # 3 iterations x 4 prompts, in order
+    assert judged_prompts[0::2] == judged_prompts[1::2] == first_prompts
     expected = [x for a, b in zip(judge_scores[0::2], judge_scores[1::2]) for x in (a - b, b - a)]
     assert shaped_scores == pytest.approx(expected)
     assert any(abs(x) > 1e-6 for x in expected)
+    tied = [sum(abs(a - b) < 1e-6 for a, b in zip(judge_scores[8 * i:8 * i + 8:2], judge_scores[8 * i + 1:8 * i + 8:2])) / 4
+            for i in range(3)]
+    assert [r["tied_groups"] for r in runio.read_metrics(out / "metrics.jsonl")] == pytest.approx(tied)
 
 
 def test_gold_reward_needs_constraints_on_every_prompt(tmp_path):

@@ -75,7 +75,9 @@ class PPOConfig:
     score_baseline: str = option("none", "none, or 'others': subtract from each response's score the mean score of "
                                          "the other responses to its prompt (RLOO's leave-one-out baseline; needs "
                                          "samples_per_prompt >= 2), so advantages tell which response to a prompt "
-                                         "was better, not which prompt was easier.")
+                                         "was better, not which prompt was easier. A prompt whose responses all "
+                                         "score alike (e.g. all cut off without EOS) is left no score signal: "
+                                         "metrics.jsonl logs their share as tied_groups.")
     minibatches: int = option(4, "Optimiser steps per PPO epoch (InstructGPT: 512/64 = 8).")
     micro_batch_size: int = option(8, "Episodes per forward/backward pass.")
     ppo_epochs: int = option(1, "Passes over each batch (InstructGPT: 1; N+: 4).")
@@ -581,6 +583,9 @@ def run_ppo(config: PPOConfig) -> Path:
                "lr": policy_schedule.get_last_lr()[0],
                **stat_means,
                **{f"seconds_{k}": round(v, 3) for k, v in timings.items()}}
+        if config.score_baseline == "others":
+            groups = scores.view(-1, config.samples_per_prompt)
+            row["tied_groups"] = batch_mean(groups.amax(dim=1) - groups.amin(dim=1) < 1e-6)
         if verdicts is not None:
             row["gold_score"] = batch_mean(torch.tensor([v.score for v in verdicts]))
             row["gold_pass_rate"] = batch_mean(torch.tensor([v.all_passed for v in verdicts]))
