@@ -11,6 +11,7 @@ from instrugo.data import (DATASET_SEED, SPLITS, UNSEEN_KINDS, dataset_stats, ge
                            load_split)
 from instrugo.data.cli import app
 from instrugo.data.generate import SEEN_KINDS, generate_prompt_split
+from instrugo.data.topics import TOPICS
 from instrugo.judge import CONSTRAINT_KINDS, check_constraint, gold_judge
 from instrugo.judge.text import words
 from instrugo.runio import InputError
@@ -44,6 +45,15 @@ def test_split_sizes(shipped):
     assert len(shipped["eval"]) >= 300 and len(shipped["eval_unseen"]) >= 300
     heldout = sum(r["heldout"] for r in shipped["pretrain"])
     assert 0.05 < heldout / len(shipped["pretrain"]) < 0.15
+
+
+def test_pretrain_heldout_part_shares_no_sentence_with_the_ptx_text(shipped):
+    """The alignment tax is measured on text PPO-ptx never trains on, not on recombined training sentences."""
+    facts = {topic["name"]: topic["facts"] for topic in TOPICS}
+    training_text = "\n".join(r["text"] for r in shipped["pretrain"] if not r["heldout"])
+    heldout_facts = {fact for r in shipped["pretrain"] if r["heldout"] for fact in facts[r["topic"]] if fact in r["text"]}
+    assert len(heldout_facts) > 50
+    assert not [fact for fact in heldout_facts if fact in training_text]
 
 
 def test_no_prompt_is_in_two_splits_and_ids_are_unique(shipped):

@@ -16,12 +16,15 @@ from instrugo.judge import CONSTRAINT_KINDS, check_constraint, compatible, gold_
 from instrugo.judge.constraints import LAYOUT_KINDS
 from instrugo.judge.draft import Draft, FactPlan, choose_facts, render
 
-DATASET_VERSION = "1"  # bump when the generator's output changes
+DATASET_VERSION = "2"  # bump when the generator's output changes
 DATASET_SEED = 0        # the seed of the shipped files
 SPLITS = ("sft", "rm", "ppo", "eval", "eval_unseen", "pretrain")
 PROMPT_SPLIT_SIZES = {"sft": 2000, "rm": 2000, "ppo": 2000, "eval": 320, "eval_unseen": 320}
 PRETRAIN_SIZE = 2200
-PRETRAIN_HELDOUT_EVERY = 10        # every 10th pretrain record is held out to measure the alignment tax
+# Every 10th topic's pretrain paragraphs are held out to measure the alignment tax. Whole topics, not
+# records: paragraphs recombine a topic's facts, so a held-out record would share its sentences with
+# the PPO-ptx training text, and its loss would measure memorising them.
+PRETRAIN_HELDOUT_EVERY = 10
 # Kinds that appear only in eval_unseen: does instruction following generalise to new constraint kinds?
 UNSEEN_KINDS = ("numbered_list", "highlights", "end_question", "sentence_length", "two_responses")
 SEEN_KINDS = tuple(k for k in CONSTRAINT_KINDS if k not in UNSEEN_KINDS)
@@ -132,7 +135,8 @@ def generate_pretrain(seed: int) -> list[dict]:
     seen: set[str] = set()
     records: list[dict] = []
     while len(records) < PRETRAIN_SIZE:
-        topic = TOPICS[len(records) % len(TOPICS)]
+        topic_index = len(records) % len(TOPICS)
+        topic = TOPICS[topic_index]
         facts = topic["facts"]
         text = " ".join(sorted(rng.sample(facts, rng.randint(3, 6)), key=facts.index))
         if text in seen:
@@ -140,7 +144,7 @@ def generate_pretrain(seed: int) -> list[dict]:
         seen.add(text)
         index = len(records) + 1
         records.append({"id": f"pretrain-{index:06d}", "split": "pretrain", "topic": topic["name"], "text": text,
-                        "heldout": index % PRETRAIN_HELDOUT_EVERY == 0})
+                        "heldout": topic_index % PRETRAIN_HELDOUT_EVERY == PRETRAIN_HELDOUT_EVERY - 1})
     return records
 
 
