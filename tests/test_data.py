@@ -48,7 +48,8 @@ def test_split_sizes(shipped):
 
 
 def test_pretrain_heldout_part_shares_no_sentence_with_the_ptx_text(shipped):
-    """The alignment tax is measured on text PPO-ptx never trains on, not on recombined training sentences."""
+    """The alignment tax is measured on text PPO-ptx's pretraining term never sees, not on recombined training
+    sentences. Every fact is one sentence, so no shared fact means no shared sentence."""
     facts = {topic["name"]: topic["facts"] for topic in TOPICS}
     training_text = "\n".join(r["text"] for r in shipped["pretrain"] if not r["heldout"])
     heldout_facts = {fact for r in shipped["pretrain"] if r["heldout"] for fact in facts[r["topic"]] if fact in r["text"]}

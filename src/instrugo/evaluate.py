@@ -10,8 +10,8 @@ apply the noise-free gold judge, and write to `eval.json`:
 - `win_rate_vs_sft`: share of prompts where the policy's gold score beats SFT's (ties count half).
 - `kl_to_sft`: nats per response, Σ_t KL(π(·|x, y<t) ‖ π_sft(·|x, y<t)) over the policy's own response
   tokens, averaged over prompts (exact per-token KL over the vocabulary: no sampling noise).
-- `pretrain_loss`: mean token NLL on the held-out part of the `pretrain` split, topics PPO-ptx never trains on
-  (the alignment tax probe).
+- `pretrain_loss`: mean token NLL on the held-out part of the `pretrain` split, topics left out of PPO-ptx's
+  pretraining text (the alignment tax probe).
 
 Generations are kept in `OUT/generations/SPLIT/POLICY.jsonl` (with verdicts) for the report, and reused
 when the same model and settings are evaluated again.
