@@ -25,6 +25,16 @@ def test_summary_by_hand_with_a_prompt_the_gold_judge_cannot_score():
     assert summarize([row(None, None)])["gold_score"] is None
 
 
+def test_summary_means_the_gold_score_terms_over_judged_prompts():
+    terms = ("constraint_fraction", "topicality", "quality")
+    rows = [row(1.0, True) | dict(zip(terms, (1.0, 0.75, 1.0))), row(0.3, False) | dict(zip(terms, (0.5, 0.25, 0.5))),
+            row(None, None) | dict.fromkeys(terms)]
+    summary = summarize(rows)
+    assert [summary[t] for t in terms] == [0.75, 0.5, 0.75]
+    # Generations saved before the terms were kept still summarise, without them.
+    assert [summarize([row(0.5, True)])[t] for t in terms] == [None, None, None]
+
+
 def test_best_of_n_kl_is_log_n_minus_n_minus_one_over_n():
     assert best_of_n_kl(1) == 0.0
     assert math.isclose(best_of_n_kl(16), math.log(16) - 15 / 16)
@@ -37,8 +47,12 @@ def test_judged_row_uses_the_gold_judge_only_when_there_are_constraints():
     record = load_split("eval")[0]
     good = judged_row("k", record, Sample(0, "", [2], True), gold_judge)
     assert good["gold_score"] is not None and good["all_passed"] is False  # an empty answer fails
+    verdict = gold_judge(record, "")
+    assert (good["constraint_fraction"], good["topicality"], good["quality"]) == (
+        verdict.constraint_fraction, verdict.topicality, verdict.quality)
     free = judged_row("k", {"prompt": "Tell me a joke."}, Sample(0, "A joke.", [5, 2], True), gold_judge)
     assert free["gold_score"] is None and free["all_passed"] is None and free["constraint_results"] == []
+    assert free["quality"] is None and free["topicality"] is None and free["constraint_fraction"] is None
 
 
 def test_best_of_n_keeps_each_prompts_own_reward_model_favourite(monkeypatch):

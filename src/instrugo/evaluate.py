@@ -4,10 +4,13 @@ For each policy (base, sft, later ppo, ppo_ptx) and each held-out split, generat
 apply the noise-free gold judge, and write to `eval.json`:
 
     {"splits": {SPLIT: {POLICY: {"constraint_pass_rate", "gold_score", "win_rate_vs_sft", "kl_to_sft",
+                                 "constraint_fraction", "topicality", "quality",
                                  "mean_length_tokens", "n", "pass_rate_by_kind", "no_eos_rate"}}},
      "policies": {POLICY: {"path": ...}}, "pretrain_loss": {POLICY: ...}, "seconds": {STAGE: ...}}
 
 - `win_rate_vs_sft`: share of prompts where the policy's gold score beats SFT's (ties count half).
+- `constraint_fraction`, `topicality`, `quality`: the means of the gold score's terms (`judge/gold.py`), so a
+  win can be read as more constraints met, more on topic, or less degenerate (e.g. less repetitive) text.
 - `kl_to_sft`: nats per response, Σ_t KL(π(·|x, y<t) ‖ π_sft(·|x, y<t)) over the policy's own response
   tokens, averaged over prompts (exact per-token KL over the vocabulary: no sampling noise).
 - `pretrain_loss`: mean token NLL on the held-out part of the `pretrain` split, topics left out of PPO-ptx's
@@ -37,6 +40,7 @@ from instrugo.runio import InputError, atomic_write_jsonl, iter_jsonl, update_js
 
 REFERENCE_POLICY = "sft"
 NO_KL_POLICIES = ("sft", "base")
+GOLD_TERMS = ("constraint_fraction", "topicality", "quality")  # GoldVerdict fields the score is made of
 
 
 @dataclass
@@ -89,6 +93,12 @@ def win_rate(scores: list[float | None], reference: list[float | None]) -> float
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
+def mean_term(rows: list[dict], key: str) -> float | None:
+    """Mean of one gold-score term; None when no row has it (generations saved before terms were kept)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize(rows: list[dict]) -> dict:
     """Aggregate judged generations of one policy on one split."""
     n = len(rows)
@@ -102,6 +112,7 @@ def summarize(rows: list[dict]) -> dict:
         "n_judged": len(judged),
         "constraint_pass_rate": sum(r["all_passed"] for r in judged) / len(judged) if judged else None,
         "gold_score": sum(r["gold_score"] for r in judged) / len(judged) if judged else None,
+        **{term: mean_term(judged, term) for term in GOLD_TERMS},
         "mean_length_tokens": sum(r["n_tokens"] for r in rows) / n,
         "no_eos_rate": sum(not r["has_eos"] for r in rows) / n,
         "pass_rate_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
@@ -190,6 +201,7 @@ def judged_row(key: str, record: dict, sample, gold_judge) -> dict:
         "constraint_results": verdict.constraint_results if verdict else [],
         "all_passed": verdict.all_passed if verdict else None,  # None: nothing to check
         "gold_score": verdict.score if verdict else None,
+        **{term: getattr(verdict, term) if verdict else None for term in GOLD_TERMS},
         "reasons": verdict.reasons if verdict else [],
     }
 

@@ -398,6 +398,9 @@ HEADLINE_COLUMNS = (  # (header, key of the split summary, format)
     ("n", "n", "{:.0f}"),
     ("pass rate", "constraint_pass_rate", "{:.1%}"),
     ("gold score", "gold_score", "{:.3f}"),
+    ("constraints met", "constraint_fraction", "{:.3f}"),
+    ("topicality", "topicality", "{:.3f}"),
+    ("quality", "quality", "{:.3f}"),
     ("win vs SFT", "win_rate_vs_sft", "{:.1%}"),
     ("KL to SFT", "kl_to_sft", "{:.2f}"),
     ("RM score", "rm_score", "{:+.3f}"),
@@ -419,7 +422,9 @@ def headline_section(data: RunData) -> str:
     if not parts:
         return section("headline", "Headline", missing("No evaluation results (eval.json has no splits yet)."))
     legend = ("<p class='note'><b>pass rate</b>: responses meeting every constraint of their prompt. "
-              "<b>gold score</b>: the noise-free gold judge (constraints, topicality, no degeneration). "
+              "<b>gold score</b>: the noise-free gold judge, quality × (0.6 × constraints met + 0.25 × topicality + "
+              "0.15), its terms in the next three columns: <b>constraints met</b> is the share of a prompt's "
+              "constraints passed, <b>quality</b> falls for empty, gibberish or repetitive answers. "
               "<b>win vs SFT</b>: prompts where the gold judge prefers the policy to SFT (ties count half). "
               "<b>KL to SFT</b>: nats per response, exact over the vocabulary, on the policy's own responses "
               "(best-of-n: log n − (n−1)/n). <b>RM score</b>: the last reward model (the proxy). <b>length</b>: "
