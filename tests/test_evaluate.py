@@ -47,9 +47,13 @@ def test_judged_row_uses_the_gold_judge_only_when_there_are_constraints():
     record = load_split("eval")[0]
     good = judged_row("k", record, Sample(0, "", [2], True), gold_judge)
     assert good["gold_score"] is not None and good["all_passed"] is False  # an empty answer fails
-    verdict = gold_judge(record, "")
-    assert (good["constraint_fraction"], good["topicality"], good["quality"]) == (
-        verdict.constraint_fraction, verdict.topicality, verdict.quality)
+    # An answer whose three terms differ, so a term stored under another's name shows.
+    text = "My answer is yes. Spices add flavour to food, and cooks use pepper and salt."
+    partial = judged_row("k", record, Sample(0, text, [2], True), gold_judge)
+    verdict = gold_judge(record, text)
+    terms = (verdict.constraint_fraction, verdict.topicality, verdict.quality)
+    assert len(set(terms)) == 3
+    assert (partial["constraint_fraction"], partial["topicality"], partial["quality"]) == terms
     free = judged_row("k", {"prompt": "Tell me a joke."}, Sample(0, "A joke.", [5, 2], True), gold_judge)
     assert free["gold_score"] is None and free["all_passed"] is None and free["constraint_results"] == []
     assert free["quality"] is None and free["topicality"] is None and free["constraint_fraction"] is None

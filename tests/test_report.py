@@ -42,7 +42,8 @@ def full_run(tmp_path):
     policies = ("base", "sft", "ppo", "ppo_ptx", "bon_4")
     splits = {split: {"base": summary(0.125, 0.111, win=0.25),
                       "sft": summary(0.25, 0.222, rm=-0.05),
-                      "ppo": summary(0.5, 0.612, win=0.75, kl=3.21, rm=0.4) | {"quality": 0.9375},
+                      "ppo": summary(0.5, 0.612, win=0.75, kl=3.21, rm=0.4)
+                      | {"constraint_fraction": 0.8125, "topicality": 0.6875, "quality": 0.9375},
                       "ppo_ptx": summary(0.375, 0.444, win=0.625, kl=1.5, rm=0.3),
                       "bon_4": summary(0.375, 0.4, win=0.5625, kl=0.636, rm=0.35)} for split in ("eval", "eval_unseen")}
     (run).mkdir()
@@ -76,9 +77,9 @@ def test_full_report_has_every_section_number_and_plot(full_run):
     assert 'class="missing"' not in page  # everything was present
     for policy in ("base", "sft", "ppo_ptx", "bon_4"):
         assert f"{policy}</td>" in page
-    # Headline numbers, formatted: gold 0.612, its quality term 0.938, win 75.0%, KL 3.21, RM +0.400,
-    # pretrain loss 4.568, no-EOS 12%.
-    for number in ("0.612", "0.938", "75.0%", "3.21", "+0.400", "4.568", "12%", "56.2%"):
+    # Headline numbers, formatted: gold 0.612 and its terms 0.812 / 0.688 / 0.938, win 75.0%, KL 3.21,
+    # RM +0.400, pretrain loss 4.568, no-EOS 12%.
+    for number in ("0.612", "0.812", "0.688", "0.938", "75.0%", "3.21", "+0.400", "4.568", "12%", "56.2%"):
         assert number in page
     # RM accuracy per round from the metrics' final lines; labeler agreement from eval.json; timings with a total.
     assert "61.0%" in page and "62.0%" in page and "65.0%" in page and "480" in page

@@ -94,7 +94,8 @@ def win_rate(scores: list[float | None], reference: list[float | None]) -> float
 
 
 def mean_term(rows: list[dict], key: str) -> float | None:
-    """Mean of one gold-score term; None when no row has it (generations saved before terms were kept)."""
+    """Mean of the gold score or one of its terms; None when no row has it (no judged prompt, or generations
+    saved before the terms were kept)."""
     values = [r[key] for r in rows if r.get(key) is not None]
     return sum(values) / len(values) if values else None
 
@@ -111,7 +112,7 @@ def summarize(rows: list[dict]) -> dict:
         "n": n,
         "n_judged": len(judged),
         "constraint_pass_rate": sum(r["all_passed"] for r in judged) / len(judged) if judged else None,
-        "gold_score": sum(r["gold_score"] for r in judged) / len(judged) if judged else None,
+        "gold_score": mean_term(judged, "gold_score"),
         **{term: mean_term(judged, term) for term in GOLD_TERMS},
         "mean_length_tokens": sum(r["n_tokens"] for r in rows) / n,
         "no_eos_rate": sum(not r["has_eos"] for r in rows) / n,

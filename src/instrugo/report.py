@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from instrugo.config import option
+from instrugo.judge.gold import BASE_WEIGHT, CONSTRAINT_WEIGHT, TOPIC_WEIGHT
 from instrugo.runio import InputError, atomic_write_text, iter_jsonl, read_json
 
 REPORT_FILE = "report.html"
@@ -422,8 +423,9 @@ def headline_section(data: RunData) -> str:
     if not parts:
         return section("headline", "Headline", missing("No evaluation results (eval.json has no splits yet)."))
     legend = ("<p class='note'><b>pass rate</b>: responses meeting every constraint of their prompt. "
-              "<b>gold score</b>: the noise-free gold judge, quality × (0.6 × constraints met + 0.25 × topicality + "
-              "0.15), its terms in the next three columns: <b>constraints met</b> is the share of a prompt's "
+              f"<b>gold score</b>: the noise-free gold judge, quality × ({CONSTRAINT_WEIGHT} × constraints met + "
+              f"{TOPIC_WEIGHT} × topicality + {BASE_WEIGHT}), its terms in the next three columns: "
+              "<b>constraints met</b> is the share of a prompt's "
               "constraints passed, <b>quality</b> falls for empty, gibberish or repetitive answers. "
               "<b>win vs SFT</b>: prompts where the gold judge prefers the policy to SFT (ties count half). "
               "<b>KL to SFT</b>: nats per response, exact over the vocabulary, on the policy's own responses "
