@@ -24,7 +24,7 @@ PRETRAIN_SIZE = 2200
 # Every 10th topic's pretrain paragraphs are held out to measure the alignment tax. Whole topics, not
 # records: paragraphs recombine a topic's facts, so a held-out record would share its sentences with
 # the PPO-ptx training text, and its loss would measure memorising them.
-PRETRAIN_HELDOUT_EVERY = 10
+PRETRAIN_HELDOUT_TOPIC_EVERY = 10
 # Kinds that appear only in eval_unseen: does instruction following generalise to new constraint kinds?
 UNSEEN_KINDS = ("numbered_list", "highlights", "end_question", "sentence_length", "two_responses")
 SEEN_KINDS = tuple(k for k in CONSTRAINT_KINDS if k not in UNSEEN_KINDS)
@@ -144,7 +144,7 @@ def generate_pretrain(seed: int) -> list[dict]:
         seen.add(text)
         index = len(records) + 1
         records.append({"id": f"pretrain-{index:06d}", "split": "pretrain", "topic": topic["name"], "text": text,
-                        "heldout": topic_index % PRETRAIN_HELDOUT_EVERY == PRETRAIN_HELDOUT_EVERY - 1})
+                        "heldout": topic_index % PRETRAIN_HELDOUT_TOPIC_EVERY == PRETRAIN_HELDOUT_TOPIC_EVERY - 1})
     return records
 
 
