@@ -2,7 +2,8 @@
 the finished rollout (PPO's scoring pass, `ppo.policy_logprobs`), per precision: the evidence behind
 `PPOConfig.rollout_logprobs=auto` (reuse in fp32, recompute under bf16). The default policy's responses to
 the first 8 `ppo` prompts, up to 32 new tokens at temperature 1 (the PPO benchmark's setting). bf16 is
-measured only where oneDNN runs it (elsewhere a pass takes minutes and instrugo never picks it).
+measured only where oneDNN runs it (elsewhere a pass takes minutes and instrugo never picks it); there both
+bf16 log-probs are also compared with an fp32 pass over the same tokens, to show which of the two is off.
 Usage: .venv/bin/python bench/sampler_logprobs.py"""
 import torch
 
@@ -29,3 +30,9 @@ for precision in ("fp32", "bf16") if models.onednn_has_bf16() else ("fp32",):
     ratio = (recomputed - sampled).exp()[mask > 0]  # the PPO ratio π/π_old the first minibatch starts from
     print(f"{precision}: {int(mask.sum())} tokens; |sampler - forward pass| max {gap.max():.2e}, mean {gap.mean():.2e}; "
           f"starting PPO ratio within [{ratio.min():.5f}, {ratio.max():.5f}]")
+    if precision == "bf16":
+        with torch.no_grad():
+            exact = policy_logprobs(model, sequence_inputs(query, query_mask, response, mask), response, 1.0)
+        for name, logprobs in (("sampler", sampled), ("forward pass", recomputed)):
+            error = (logprobs - exact).abs()[mask > 0]
+            print(f"  bf16 {name} vs an fp32 forward pass: max {error.max():.2e}, mean {error.mean():.2e}")
