@@ -19,6 +19,7 @@ import argparse
 import ctypes.util
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,7 +36,10 @@ from measure import (Row, ceiling_fraction, markdown_table, median, ppo_phase_fl
 BENCH = Path(__file__).resolve().parent
 TRL_VENV = BENCH / ".venv-trl"
 # torch pinned: this machine has the 2.13.0 CPU wheel on disk; an unpinned torch pulls a CUDA build.
-TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.12.*"]
+# transformers pinned to the project's, so that both sides run the same model code (unpinned, TRL 1.12
+# resolved to a newer one by 2026-12-07).
+TRANSFORMERS_VERSION = importlib.metadata.version("transformers")
+TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.12.*", f"transformers=={TRANSFORMERS_VERSION}"]
 
 
 @dataclass
@@ -117,9 +121,11 @@ def run_job(python: Path, script: str, job: dict, workdir: Path, name: str, env:
 
 
 def ensure_trl_venv() -> tuple[Path | None, str]:
-    """bench/.venv-trl with TRL 1.12 (created once); returns (python, "") or (None, why not)."""
+    """bench/.venv-trl with TRL 1.12 and the project's transformers (created once, brought to the project's
+    transformers when that changed); returns (python, "") or (None, why not)."""
     python = TRL_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import trl, trl.experimental.ppo; print(trl.__version__)"]
+    probe = [str(python), "-c", "import trl, trl.experimental.ppo, transformers; "
+             f"assert transformers.__version__ == {TRANSFORMERS_VERSION!r}, transformers.__version__"]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python, ""
     steps = [[sys.executable, "-m", "venv", str(TRL_VENV)],
@@ -365,7 +371,8 @@ def machine_description() -> str:
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"torch {importlib.metadata.version('torch')}, transformers {TRANSFORMERS_VERSION}")
 
 
 def main(argv: list[str] | None = None) -> int:
