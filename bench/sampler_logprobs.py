@@ -24,15 +24,16 @@ for precision in ("fp32", "bf16") if models.onednn_has_bf16() else ("fp32",):
                                               precision=precision, seed=0)]
     response, mask = response_tensors(samples, tokenizer.pad_token_id)
     sampled = sampler_logprobs(samples, response.shape[1])
+    inputs, scored = sequence_inputs(query, query_mask, response, mask), mask > 0
     with torch.no_grad(), models.autocast(precision):
-        recomputed = policy_logprobs(model, sequence_inputs(query, query_mask, response, mask), response, 1.0)
-    gap = (sampled - recomputed).abs()[mask > 0]
-    ratio = (recomputed - sampled).exp()[mask > 0]  # the PPO ratio π/π_old the first minibatch starts from
+        recomputed = policy_logprobs(model, inputs, response, 1.0)
+    gap = (sampled - recomputed).abs()[scored]
+    ratio = (recomputed - sampled).exp()[scored]  # the PPO ratio π/π_old the first minibatch starts from
     print(f"{precision}: {int(mask.sum())} tokens; |sampler - forward pass| max {gap.max():.2e}, mean {gap.mean():.2e}; "
           f"starting PPO ratio within [{ratio.min():.5f}, {ratio.max():.5f}]")
     if precision == "bf16":
         with torch.no_grad():
-            exact = policy_logprobs(model, sequence_inputs(query, query_mask, response, mask), response, 1.0)
+            exact = policy_logprobs(model, inputs, response, 1.0)
         for name, logprobs in (("sampler", sampled), ("forward pass", recomputed)):
-            error = (logprobs - exact).abs()[mask > 0]
+            error = (logprobs - exact).abs()[scored]
             print(f"  bf16 {name} vs an fp32 forward pass: max {error.max():.2e}, mean {error.mean():.2e}")
