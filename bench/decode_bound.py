@@ -7,8 +7,13 @@ ROUNDS. The prompt pass is the 1-token time; a decode step is (t32 - t1) / 31. T
 model's weights (every linear layer's, read once per step) over this machine's read bandwidth, measured
 here by summing a 1 GiB tensor. Prints both sides, the ratio a step at the floor would give, and where
 instrugo's step goes: torch.profiler over a 32-token call minus a 1-token call, per step, split into the
-linear layers, attention, other ops and time outside ops (Python), under the profiler's overhead.
+linear layers, attention, other ops and time outside ops (Python), under the profiler's overhead. Last,
+the linear layers alone: one decode step's products at ROWS rows, each of the model's weights packed as the
+sampler packs it, in model order (so each weight is new to the cache, as in a step), and again with each
+Llama-family layer's q/k/v and gate/up weights concatenated into one product each; best of 15, as GB/s of
+weights read.
 Usage: .venv/bin/python bench/decode_bound.py [ROUNDS]   (default 3)"""
+import functools
 import sys
 import time
 
@@ -100,3 +105,35 @@ per_step = {kind: (ops_n[kind] - ops_1[kind]) / (NEW_TOKENS - 1) for kind in ops
 per_step["outside ops"] = ((wall_n - wall_1) - sum(ops_n.values()) + sum(ops_1.values())) / (NEW_TOKENS - 1)
 print("instrugo's decode step under the profiler: " + ", ".join(f"{kind} {ms * 1e3:.1f} ms" for kind, ms in per_step.items())
       + f" (total {sum(per_step.values()) * 1e3:.1f} ms)")
+
+
+
+def read_rate(products: list, weight_bytes: int) -> tuple[float, float]:
+    """Seconds (best of 15) to run each (layer, input) of `products` once, in order; and GB/s of weights read."""
+    best = float("inf")
+    for _ in range(15):
+        start = time.perf_counter()
+        for layer, x in products:
+            layer(x)
+        best = min(best, time.perf_counter() - start)
+    return best, weight_bytes / best / 1e9
+
+
+dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+row_inputs = {m.in_features: torch.randn(ROWS, m.in_features, dtype=dtype) for m in linears}
+with torch.no_grad(), models.packed_linears(model, precision):  # the sampler's packing, as it decodes
+    seconds, rate = read_rate([(m, row_inputs[m.in_features]) for m in linears], int(bytes_per_step))
+print(f"linear layers alone, {len(linears)} products at {ROWS} rows: {seconds * 1e3:.1f} ms, {rate:.1f} GB/s", end="")
+layers = getattr(getattr(model, "model", None), "layers", [])
+if layers and all(hasattr(layer, "self_attn") and hasattr(layer.mlp, "gate_proj") for layer in layers):
+    fused = [w for layer in layers for w in (
+        torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]),
+        layer.self_attn.o_proj.weight, torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
+        layer.mlp.down_proj.weight)] + [model.get_output_embeddings().weight]
+    with torch.no_grad():
+        packed = [functools.partial(models._packed_linear, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), 32), None)
+                  for w in fused]  # packed as models.packed_linears packs
+        seconds, rate = read_rate([(layer, row_inputs[w.shape[1]]) for layer, w in zip(packed, fused)], int(bytes_per_step))
+    print(f"; q/k/v and gate/up fused, {len(fused)} products: {seconds * 1e3:.1f} ms, {rate:.1f} GB/s", end="")
+print()
